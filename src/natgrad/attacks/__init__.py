@@ -1,0 +1,5 @@
+"""Adversarial attacks. Each runs the model in eval mode, restores its mode, and leaves no parameter gradients."""
+
+from natgrad.attacks.pgd import eval_mode, pgd
+
+__all__ = ["eval_mode", "pgd"]

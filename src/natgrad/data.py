@@ -1,0 +1,340 @@
+"""Datasets and loaders. Every loader yields float images in [0, 1] (NCHW) and integer labels.
+
+Datasets: ``fashion-mnist`` (the embedded default), ``cifar10`` (torchvision),
+``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``synthetic`` (for tests).
+Augmentation comes from timm and is applied only when the config asks for it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from natgrad.config import AugConfig, DataConfig, RunConfig
+from natgrad.errors import UserError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about a dataset."""
+
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+INFO = {
+    "fashion-mnist": DataInfo(10, 1, 28, (0.2860,), (0.3530,)),
+    "cifar10": DataInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": DataInfo(1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def info(cfg: DataConfig) -> DataInfo:
+    """Classes, channels, size and normalization statistics of the configured dataset."""
+    if cfg.name == "synthetic":
+        return DataInfo(cfg.num_classes, cfg.channels, cfg.image_size or 28, (0.5,) * cfg.channels, (0.25,) * cfg.channels)
+    base = INFO[cfg.name]
+    if cfg.name == "imagenet" and cfg.image_size:
+        return DataInfo(base.num_classes, base.in_chans, cfg.image_size, base.mean, base.std)
+    return base
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 images held in memory (N, H, W) or (N, H, W, C), with an optional PIL transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None):
+        self.images = images
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        if self.transform is None:
+            t = torch.from_numpy(np.ascontiguousarray(img))
+            t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+            return t.float().div_(255.0), int(self.labels[i])
+        return self.transform(Image.fromarray(img)), int(self.labels[i])
+
+
+# ---------------------------------------------------------------------------- Fashion-MNIST
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped); a truncated or malformed file is an error naming it."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path} ({e}); delete it and fetch the dataset again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path} is not an unsigned-byte IDX file; delete it and fetch the dataset again")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise UserError(f"{path} is truncated or corrupt ({len(raw)} bytes, expected {expected}); delete it and fetch the dataset again")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for sub in ("", "FashionMNIST/raw", "fashion-mnist"):
+        for name in (stem, stem + ".gz"):
+            p = folder / sub / name
+            if p.is_file():
+                return p
+    return None
+
+
+def find_fashion_mnist(cfg: DataConfig) -> Path:
+    """Folder with the four IDX files: data.root, then $NATGRAD_DATA, then Debian's package, else download."""
+    candidates = [Path(p) for p in (cfg.root, os.environ.get("NATGRAD_DATA")) if p]
+    candidates += [DEBIAN_FASHION_MNIST] + _dpkg_dirs("dataset-fashion-mnist")
+    for folder in candidates:
+        if all(_idx_file(folder, s) for pair in FASHION_FILES.values() for s in pair):
+            return folder
+    if cfg.download:
+        import torchvision
+
+        root = Path(cfg.root or os.environ.get("NATGRAD_DATA") or Path.home() / ".cache" / "natgrad")
+        try:
+            torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+            torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+        except Exception as e:  # network errors come in many types
+            raise UserError(f"could not download Fashion-MNIST into {root} ({e}); `apt-get install dataset-fashion-mnist` or set data.root") from None
+        return root
+    raise UserError(
+        "Fashion-MNIST not found in data.root, $NATGRAD_DATA or /usr/share/datasets/fashion-mnist; "
+        "`apt-get install dataset-fashion-mnist`, set data.root, or pass data.download=true"
+    )
+
+
+def _dpkg_dirs(package: str) -> list[Path]:
+    try:
+        out = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({Path(line).parent for line in out.splitlines() if "idx" in line})
+
+
+def _fashion_mnist(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    folder = find_fashion_mnist(cfg)
+    images, labels = (read_idx(_idx_file(folder, s)) for s in FASHION_FILES[split])
+    if len(images) != len(labels):
+        raise UserError(f"Fashion-MNIST in {folder}: {len(images)} images but {len(labels)} labels; fetch the dataset again")
+    return images, labels
+
+
+# ---------------------------------------------------------------------------- other datasets
+
+
+def _cifar10(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    import torchvision
+
+    root = cfg.root or os.environ.get("NATGRAD_DATA") or str(Path.home() / ".cache" / "natgrad")
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=cfg.download)
+    except RuntimeError:
+        raise UserError(f"CIFAR-10 not found under {root}; set data.root to the folder holding cifar-10-batches-py, or pass data.download=true where there is internet") from None
+    return ds.data, np.asarray(ds.targets)
+
+
+def _synthetic(cfg: DataConfig, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy images: a fixed smooth pattern per class plus noise."""
+    size = cfg.image_size or 28
+    g = np.random.default_rng(seed)
+    templates = g.normal(size=(cfg.num_classes, size // 4, size // 4, cfg.channels))
+    templates = templates.repeat(4, axis=1).repeat(4, axis=2)[:, :size, :size]
+    n = cfg.synthetic_size if split == "train" else max(cfg.synthetic_size // 4, cfg.num_classes)
+    g = np.random.default_rng(seed + (1 if split == "train" else 2))
+    labels = g.integers(0, cfg.num_classes, size=n)
+    x = 0.5 + 0.2 * templates[labels] + 0.1 * g.normal(size=(n, size, size, cfg.channels))
+    images = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+    return (images[..., 0] if cfg.channels == 1 else images), labels
+
+
+def _imagenet(cfg: DataConfig, split: str, transform: Callable) -> Dataset:
+    import torchvision
+
+    if cfg.root is None:
+        raise UserError("data.name=imagenet needs data.root: a folder with train/ and val/ ImageFolder trees")
+    folder = Path(cfg.root) / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise UserError(f"{folder} does not exist; data.root must hold train/ and val/ ImageFolder trees")
+    ds = torchvision.datasets.ImageFolder(str(folder), transform=transform)
+    if split != "train" and cfg.val_subset:
+        wanted = {line.strip() for line in Path(cfg.val_subset).read_text().splitlines() if line.strip()}
+        keep = [i for i, (p, _) in enumerate(ds.samples) if os.path.relpath(p, folder) in wanted or Path(p).name in wanted]
+        if not keep:
+            raise UserError(f"none of the images listed in {cfg.val_subset} are in {folder}; list paths relative to val/")
+        ds = Subset(ds, keep)
+    return ds
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+class PixelSpaceErasing:
+    """timm's RandomErasing, applied in normalized space as in the paper's recipe, then mapped back to [0, 1]."""
+
+    def __init__(self, aug: AugConfig, mean: Sequence[float], std: Sequence[float]):
+        from timm.data.random_erasing import RandomErasing
+
+        self.erase = RandomErasing(probability=aug.reprob, mode=aug.remode, max_count=aug.recount, device="cpu")
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.erase((x - self.mean) / self.std)
+        return (z * self.std + self.mean).clamp_(0.0, 1.0)
+
+
+def _uses_augmentation(aug: AugConfig) -> bool:
+    return bool(aug.rand_augment or aug.color_jitter or aug.hflip > 0 or aug.reprob > 0)
+
+
+def train_transform(name: str, aug: AugConfig, di: DataInfo) -> Callable | None:
+    """PIL -> [0, 1] tensor with the recipe's timm augmentation; None where there is nothing to do."""
+    from torchvision import transforms as T
+
+    steps: list[Callable] = []
+    if name == "imagenet":
+        from timm.data import transforms_imagenet_train
+
+        steps.append(transforms_imagenet_train(
+            di.image_size, hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.rand_augment,
+            interpolation=aug.interpolation, mean=(0.0,) * 3, std=(1.0,) * 3, re_prob=0.0,
+        ))
+    else:
+        if not _uses_augmentation(aug):
+            return None
+        if aug.hflip > 0:
+            steps.append(T.RandomHorizontalFlip(aug.hflip))
+        if aug.color_jitter:
+            steps.append(T.ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter))
+        if aug.rand_augment:
+            from timm.data.auto_augment import rand_augment_transform
+
+            fill = tuple(round(255 * m) for m in di.mean)
+            steps.append(rand_augment_transform(aug.rand_augment, {"img_mean": fill if len(fill) == 3 else fill[0]}))
+        steps.append(T.ToTensor())
+    if aug.reprob > 0:
+        steps.append(PixelSpaceErasing(aug, di.mean, di.std))
+    return T.Compose(steps)
+
+
+def eval_transform(name: str, aug: AugConfig, di: DataInfo) -> Callable | None:
+    if name != "imagenet":
+        return None
+    from timm.data import transforms_imagenet_eval
+
+    return transforms_imagenet_eval(di.image_size, interpolation=aug.interpolation, mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def create_mixup(cfg: RunConfig, num_classes: int) -> Callable | None:
+    """timm's Mixup/CutMix with label smoothing (soft targets), or None when off."""
+    aug = cfg.aug
+    if aug.mixup <= 0 and aug.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
+        mode=aug.mixup_mode, label_smoothing=aug.smoothing, num_classes=num_classes,
+    )
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def fixed_subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """The first ``limit`` items of a seeded permutation: the same subset on every run."""
+    if limit is None or limit >= len(ds):
+        return ds
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    return Subset(ds, sorted(perm[:limit].tolist()))
+
+
+def build(cfg: RunConfig, split: str) -> Dataset:
+    """The train or test dataset of the config, with its transforms and ``limit_*`` subset applied."""
+    dc = cfg.data
+    di = info(dc)
+    transform = train_transform(dc.name, cfg.aug, di) if split == "train" else eval_transform(dc.name, cfg.aug, di)
+    if dc.name == "imagenet":
+        ds = _imagenet(dc, split, transform)
+    else:
+        if dc.name == "fashion-mnist":
+            images, labels = _fashion_mnist(dc, split)
+        elif dc.name == "cifar10":
+            images, labels = _cifar10(dc, split)
+        else:
+            images, labels = _synthetic(dc, split, cfg.seed)
+        ds = ImageArrayDataset(images, labels, transform)
+    limit = dc.limit_train if split == "train" else dc.limit_eval
+    return fixed_subset(ds, limit, seed=1234 if split == "train" else 4321)
+
+
+class EpochBatches:
+    """Global batches of a seeded per-epoch permutation; each process takes its slice of every batch.
+
+    The union over processes of batch ``b`` is the same set of images for any world size,
+    so a torchrun job sees exactly what one process with the same global batch sees.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0):
+        if batch_size % world:
+            raise UserError(f"batch_size={batch_size} is not divisible by the {world} processes; pick a multiple of {world}")
+        if n < batch_size:
+            raise UserError(f"the training set has {n} images, fewer than batch_size={batch_size}; lower batch_size or raise data.limit_train")
+        self.perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        self.batch_size, self.rank, self.world, self.start = batch_size, rank, world, start
+
+    def __len__(self) -> int:
+        return len(self.perm) // self.batch_size - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per = self.batch_size // self.world
+        for b in range(self.start, len(self.perm) // self.batch_size):
+            lo = b * self.batch_size + self.rank * per
+            yield self.perm[lo : lo + per].tolist()
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size
+
+
+def train_loader(ds: Dataset, cfg: RunConfig, epoch: int, rank: int = 0, world: int = 1, start: int = 0) -> DataLoader:
+    """This process's batches of one epoch, skipping the first ``start`` (for resuming mid-epoch)."""
+    batches = EpochBatches(len(ds), cfg.batch_size, cfg.seed, epoch, rank, world, start)
+    # A generator of our own keeps the loader from drawing on the global RNG (exact resume).
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    return DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers, generator=gen,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def eval_loader(ds: Dataset, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0) -> DataLoader:
+    """Sequential batches of this process's share of the images, without padding duplicates."""
+    share = ds if world == 1 else Subset(ds, list(range(rank, len(ds), world)))
+    return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers)

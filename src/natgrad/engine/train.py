@@ -1,0 +1,256 @@
+"""The training engine: one loop for every objective.
+
+AdamW and a per-iteration cosine schedule with warmup (timm), gradient clipping, EMA of the
+weights (timm), bf16 autocast on CUDA, per-epoch clean and PGD accuracy, atomic checkpoints,
+exact ``--resume``, and data parallelism under torchrun.
+
+Run folder: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``, ``model.safetensors``
+(and ``model_ema.safetensors`` when EMA is on), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+from tqdm.auto import tqdm
+
+from natgrad import config as config_mod
+from natgrad import data, models, objectives
+from natgrad.config import RunConfig
+from natgrad.engine import checkpoint as ckpt
+from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup
+from natgrad.engine.evaluate import evaluate
+from natgrad.errors import NonFiniteLossError, UserError
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def objective_params(cfg: RunConfig) -> dict[str, Any]:
+    """The parameters ``objectives.create`` takes for the configured method."""
+    if cfg.method == "gradnorm":
+        g = cfg.gradnorm
+        return {"eps": cfg.eps, "ce_weight": g.ce_weight, "gn_weight": g.gn_weight, "warmup_epochs": g.warmup_epochs}
+    if cfg.method == "pgd":
+        a = cfg.attack
+        return {"eps": cfg.eps, "steps": a.steps, "step_size": a.step_size, "random_start": a.random_start,
+                "warmup_epochs": a.warmup_epochs}
+    return {}
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    """The configured model for the configured dataset, with the dataset's normalization inside."""
+    di = data.info(cfg.data)
+    timm_kwargs: dict[str, Any] = {}
+    if cfg.model.name not in models.BUILTIN:
+        timm_kwargs = {"drop_rate": cfg.model.drop, "drop_path_rate": cfg.model.drop_path}
+    return models.create(cfg.model.name, di.num_classes, di.in_chans, act=cfg.model.act, bn_eval=cfg.model.bn_eval,
+                         mean=di.mean, std=di.std, **timm_kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
+    """Refuse to overwrite a run or resume an incompatible one, before any work starts."""
+    if resume:
+        if not (out / CHECKPOINT).is_file() or not (out / "config.yaml").is_file():
+            raise UserError(f"--resume: {out} holds no natgrad checkpoint ({CHECKPOINT}); train without --resume first")
+        saved = config_mod.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+        diff = config_mod.differences(saved, cfg)
+        if diff:
+            raise UserError(f"--resume: {out} was trained with another config ({'; '.join(diff[:3])}); "
+                            "resume with the same recipe and overrides, or use a new --out")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already holds files; pass --resume to continue that run, or choose another --out")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir() or not _writable(parent):
+        raise UserError(f"cannot write to {parent}; choose an --out in a writable folder")
+    if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
+        raise UserError(f"{parent} has under {MIN_FREE_BYTES >> 20} MB free; free space or choose another --out")
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _autocast(ctx: Context, cfg: RunConfig):
+    if ctx.device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train as configured into the run folder ``out``; returns the summary written to ``summary.json``."""
+    out = Path(out)
+    config_mod.validate(cfg)
+    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
+        if cfg.batch_size % 2:
+            raise UserError(f"mixup/cutmix need an even batch_size per process (got {cfg.batch_size})")
+    ctx = setup(cfg.device)
+    if ctx.is_main:
+        _check_out_dir(out, resume, cfg)
+    barrier(ctx.world)
+
+    train_ds = data.build(cfg, "train")
+    eval_ds = data.build(cfg, "test")
+    di = data.info(cfg.data)
+    steps_per_epoch = data.steps_per_epoch(len(train_ds), cfg.batch_size)
+    if steps_per_epoch == 0:
+        raise UserError(f"the training set has {len(train_ds)} images, fewer than batch_size={cfg.batch_size}; lower batch_size")
+    if cfg.batch_size % ctx.world:
+        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {ctx.world} processes")
+    total_steps = cfg.epochs * steps_per_epoch
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg).to(ctx.device)
+    optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=cfg.lr, weight_decay=cfg.optim.weight_decay,
+                                    eps=cfg.optim.opt_eps, momentum=cfg.optim.momentum)
+    scheduler = None
+    if cfg.optim.sched == "cosine":
+        scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.optim.min_lr,
+                                      warmup_t=round(cfg.optim.warmup_epochs * steps_per_epoch),
+                                      warmup_lr_init=cfg.optim.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+    objective = objectives.create(cfg.method, model, **objective_params(cfg))
+    mixup = data.create_mixup(cfg, di.num_classes)
+
+    step, elapsed, sums = 0, 0.0, {}
+    if resume:
+        state = ckpt.load_state(out / CHECKPOINT)
+        ckpt.load_state_dict(model, state["model"], out / CHECKPOINT)
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, elapsed, sums = state["step"], state["elapsed"], state["epoch_sums"]
+        ckpt.set_rng_state(state["rng"])
+    elif ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+
+    def save_checkpoint() -> None:
+        if ctx.is_main:
+            ckpt.save_state(out / CHECKPOINT, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "step": step, "elapsed": elapsed, "epoch_sums": sums, "rng": ckpt.rng_state(),
+            })
+
+    eval_model = ema.module if ema is not None else model
+    last_metrics: dict[str, Any] = {}
+    epochs_this_run = 0
+    if ctx.is_main and progress:
+        print(f"natgrad: {cfg.method} on {cfg.data.name} ({len(train_ds)} train / {len(eval_ds)} eval images), "
+              f"{cfg.model.name}, {cfg.epochs} epochs of {steps_per_epoch} steps, eps={cfg.eps:.4g}, device={ctx.device}"
+              + (f", {ctx.world} processes" if ctx.world > 1 else ""), flush=True)
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        model.train()
+        start = step - epoch * steps_per_epoch
+        loader = data.train_loader(train_ds, cfg, epoch, ctx.rank, ctx.world, start=start)
+        bar = tqdm(loader, total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (progress and ctx.is_main), dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for x, y in bar:
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            if scheduler is not None:
+                scheduler.step_update(step)
+            with _autocast(ctx, cfg):
+                result = objective(x, y, epoch_fraction=step / steps_per_epoch)
+            loss = result["loss"]
+            if not torch.isfinite(loss.detach()):
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (epoch {epoch + 1}): loss={loss.item()}, {parts}; "
+                    f"the last good checkpoint is kept in {out / CHECKPOINT}; lower lr or the regularization weight")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            all_reduce_gradients(model, ctx.world)
+            if cfg.optim.clip_grad:
+                dispatch_clip_grad(model.parameters(), cfg.optim.clip_grad, mode="norm")
+            optimizer.step()
+            step += 1
+            if ema is not None:
+                ema.update(model, step=step)
+            for k, v in result.items():
+                if isinstance(v, float):
+                    sums[k] = sums.get(k, 0.0) + v
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            sums["steps"] = sums.get("steps", 0) + 1
+            dt = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{sums['loss'] / sums['steps']:.4f}",
+                            img_s=f"{(step - epoch * steps_per_epoch - start) * cfg.batch_size / max(dt, 1e-9):.0f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
+                elapsed += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_checkpoint()
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        elapsed += train_seconds
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+        n_steps = max(sums.pop("steps", 1), 1)
+        metrics["train_loss"] = sums.pop("loss", math.nan) / n_steps
+        metrics.update({f"train_{k}": v / n_steps for k, v in sums.items()})
+        sums = {}
+        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
+            t1 = time.perf_counter()
+            result = evaluate(eval_model, eval_ds, cfg.eps, cfg.eval.pgd_steps, cfg.eval.batch_size, ctx,
+                              seed=cfg.seed, progress=progress)
+            metrics.update({"clean_acc": result["clean_acc"], "pgd_acc": result["pgd_acc"], "pgd_steps": result["pgd_steps"],
+                            "eval_n": result["n"], "eval_seconds": time.perf_counter() - t1})
+        metrics.update({"lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds, "elapsed": elapsed,
+                        "images_per_s": (steps_per_epoch - start) * cfg.batch_size / max(train_seconds, 1e-9)})
+        last_metrics = metrics
+        if ctx.is_main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_checkpoint()
+            ckpt.save_weights(model, out / "model.safetensors")
+            if ema is not None:
+                ckpt.save_weights(ema.module, out / "model_ema.safetensors")
+            if progress:
+                print(_epoch_line(metrics, cfg.epochs), flush=True)
+        epochs_this_run += 1
+        if cfg.stop_after is not None and epochs_this_run >= cfg.stop_after and epoch + 1 < cfg.epochs:
+            if ctx.is_main and progress:
+                print(f"natgrad: stopped after {epochs_this_run} epoch(s) as asked; continue with --resume", flush=True)
+            break
+    barrier(ctx.world)
+    summary = {"method": cfg.method, "model": cfg.model.name, "data": cfg.data.name, "eps": cfg.eps,
+               "epochs_done": step // steps_per_epoch, "epochs": cfg.epochs, "steps": step,
+               "train_seconds": elapsed, "world_size": ctx.world, "device": str(ctx.device),
+               "ema": ema is not None, **{k: v for k, v in last_metrics.items() if k not in ("epoch", "step")}}
+    if ctx.is_main:
+        ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _epoch_line(m: dict, epochs: int) -> str:
+    parts = [f"epoch {m['epoch']}/{epochs}", f"train_loss {m['train_loss']:.4f}"]
+    if "clean_acc" in m:
+        parts.append(f"clean {100 * m['clean_acc']:.2f}%")
+        if m["pgd_acc"] is not None:
+            parts.append(f"PGD-{m['pgd_steps']} {100 * m['pgd_acc']:.2f}%")
+        parts.append(f"(n={m['eval_n']})")
+    parts.append(f"{m['seconds']:.1f}s")
+    return "natgrad: " + ", ".join(parts)

@@ -1,0 +1,40 @@
+"""Training objectives, one module each, all with one contract.
+
+``create(name, model, **params)`` returns a callable ``objective(x, y, epoch_fraction=0.0) -> dict``
+whose ``loss`` is the scalar to backward; ``logits`` are the logits the loss saw, and
+``ce`` plus the objective's own parts (``reg`` for GradNorm) are floats for logging.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+from torch import nn
+
+from natgrad.errors import UserError
+from natgrad.objectives.base import Objective
+from natgrad.objectives.gradnorm import GradNorm
+from natgrad.objectives.natural import Natural
+from natgrad.objectives.pgd import PGDTraining
+
+REGISTRY: dict[str, Callable[..., Objective]] = {
+    "natural": Natural,
+    "gradnorm": GradNorm,
+    "pgd": PGDTraining,
+}
+
+
+def create(name: str, model: nn.Module, **params: Any) -> Objective:
+    """Build the objective ``name`` for ``model`` with its parameters (e.g. ``eps``, ``gn_weight``)."""
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown objective {name!r}{hint}; choose from {', '.join(REGISTRY)}")
+    try:
+        return REGISTRY[name](model, **params)
+    except TypeError as e:
+        raise UserError(f"objective {name}: {e}") from None
+
+
+__all__ = ["Objective", "create", "REGISTRY", "Natural", "GradNorm", "PGDTraining"]

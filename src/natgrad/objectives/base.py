@@ -1,0 +1,21 @@
+"""The shared objective contract."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def linear_warmup(epoch_fraction: float, warmup_epochs: float) -> float:
+    """0 -> 1 linearly over ``warmup_epochs`` (evaluated per iteration), then 1."""
+    return 1.0 if warmup_epochs <= 0 else min(1.0, max(0.0, epoch_fraction / warmup_epochs))
+
+
+class Objective:
+    """A training loss for ``model``: ``objective(x, y, epoch_fraction) -> dict``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
+        raise NotImplementedError
