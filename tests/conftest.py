@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny synthetic runs that train in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from natgrad.cli import main
+
+TINY = [
+    "data.name=synthetic", "data.synthetic_size=256", "data.image_size=28", "data.channels=1",
+    "data.limit_eval=64", "batch_size=32", "eval.pgd_steps=2", "eval.batch_size=64", "device=cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture | None = None) -> tuple[int, str]:
+    """Run ``natgrad`` in-process; returns the exit code and stderr."""
+    code = main(args)
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def weights(run: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(run / name))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=f"{k} differs")

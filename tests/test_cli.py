@@ -1,0 +1,65 @@
+"""The command line: bad input gets one line, exit code 2, and nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY, run_cli, weights
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    (["train", "fmnist-natural", "epochz=3"], "did you mean epochs"),
+    (["train", "fmnist-natural", "eps=-0.1"], "eps=-0.1 is outside [0, 1]"),
+    (["train", "fmnist-natural", "eps=2"], "eps=2.0 is outside [0, 1]"),
+    (["train", "fmnist-natural", "epochs=0"], "epochs=0 must be at least 1"),
+    (["train", "fmnist-natural", "model.name=resnet81"], "unknown model 'resnet81'"),
+    (["train", "fmnist-natural", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code, err = run_cli(args + ["--out", str(out)], capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 or "usage:" in err
+    assert not out.exists()
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    code, err = run_cli(["train", "cifar10-prn18-natural", f"data.root={empty}", "--out", str(out)], capsys)
+    assert code == 2 and "CIFAR-10 not found" in err and "data.download=true" in err
+    assert not out.exists()
+
+
+def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "fmnist-natural", *TINY, "epochs=1", "eval.pgd_steps=0", "--quiet", "--out", str(out)]
+    assert run_cli(base)[0] == 0
+    before = weights(out)
+    listing = sorted(p.name for p in out.rglob("*"))
+    code, err = run_cli(base, capsys)
+    assert code == 2 and "already holds files" in err
+    code, err = run_cli(base + ["lr=0.5", "--resume"], capsys)
+    assert code == 2 and "another config" in err and "lr: 0.002 -> 0.5" in err
+    assert sorted(p.name for p in out.rglob("*")) == listing
+    assert all((before[k] == v).all() for k, v in weights(out).items())
+    code, err = run_cli(["train", "fmnist-natural", "--resume", "--out", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "holds no natgrad checkpoint" in err
+
+
+def test_recipes_lists_every_recipe_with_a_line(capsys):
+    assert run_cli(["recipes"])[0] == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("fmnist-gradnorm ") for line in lines)
+    assert all(len(line.split(None, 1)) == 2 for line in lines)
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "natgrad", "train", "nope"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2 and proc.stderr.startswith("natgrad: error: unknown recipe")

@@ -1,0 +1,87 @@
+"""Data: Fashion-MNIST reading, fixed subsets, global batches that do not depend on the world size."""
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+from natgrad import config, data
+from natgrad.data import EpochBatches
+from natgrad.errors import UserError
+
+
+def _fmnist_folder():
+    try:
+        return data.find_fashion_mnist(config.DataConfig())
+    except UserError:
+        pytest.skip("Fashion-MNIST is not installed (make test installs it)")
+
+
+def test_fashion_mnist_matches_torchvision_reader(tmp_path):
+    folder = _fmnist_folder()
+    src = data._idx_file(folder, "t10k-labels-idx1-ubyte")
+    raw = tmp_path / "labels"
+    opener = gzip.open if src.suffix == ".gz" else open
+    with opener(src, "rb") as f, open(raw, "wb") as g:
+        shutil.copyfileobj(f, g)
+    ours = data.read_idx(src)
+    theirs = read_sn3_pascalvincent_tensor(str(raw))
+    assert np.array_equal(ours, theirs.numpy())
+    ds = data.build(config.load("fmnist-natural", ["data.limit_eval=50"]), "test")
+    x, y = ds[0]
+    assert len(ds) == 50 and x.shape == (1, 28, 28) and x.dtype == torch.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0 and 0 <= y < 10
+
+
+def test_truncated_idx_names_the_file(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    header = bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    path.write_bytes(header + bytes(100))
+    with pytest.raises(UserError, match="train-images-idx3-ubyte is truncated"):
+        data.read_idx(path)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nothing")
+    monkeypatch.setattr(data, "_dpkg_dirs", lambda package: [])
+    monkeypatch.delenv("NATGRAD_DATA", raising=False)
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        data.find_fashion_mnist(config.DataConfig(root=str(tmp_path)))
+
+
+def test_fixed_subset_is_seeded_and_stable():
+    cfg = config.load("fmnist-natural", ["data.name=synthetic", "data.synthetic_size=300", "data.limit_train=40"])
+    a, b = data.build(cfg, "train"), data.build(cfg, "train")
+    assert len(a) == 40 and a.indices == b.indices
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_global_batches_do_not_depend_on_world_size(world):
+    single = list(EpochBatches(100, 16, seed=3, epoch=2))
+    shards = [list(EpochBatches(100, 16, seed=3, epoch=2, rank=r, world=world)) for r in range(world)]
+    assert len(single) == 6
+    for b, batch in enumerate(single):
+        assert sorted(sum((s[b] for s in shards), [])) == sorted(batch)
+    resumed = list(EpochBatches(100, 16, seed=3, epoch=2, start=4))
+    assert resumed == single[4:]
+    assert list(EpochBatches(100, 16, seed=3, epoch=3)) != single
+
+
+def test_synthetic_pixels_in_unit_range_and_augmentation_keeps_it():
+    cfg = config.load("fmnist-natural", ["data.name=synthetic", "data.channels=3", "data.image_size=32",
+                                         "aug.rand_augment=rand-m9-mstd0.5-inc1", "aug.reprob=1.0", "aug.hflip=0.5"])
+    ds = data.build(cfg, "train")
+    xs = torch.stack([ds[i][0] for i in range(16)])
+    assert xs.shape == (16, 3, 32, 32) and xs.min() >= 0 and xs.max() <= 1
+
+
+def test_mixup_gives_soft_targets():
+    cfg = config.load("fmnist-natural", ["aug.mixup=0.8", "aug.cutmix=1.0", "aug.smoothing=0.1"])
+    mixup = data.create_mixup(cfg, 10)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    xm, ym = mixup(x, y)
+    assert ym.shape == (8, 10) and torch.allclose(ym.sum(1), torch.ones(8))
+    assert xm.min() >= 0 and xm.max() <= 1

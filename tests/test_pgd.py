@@ -1,0 +1,62 @@
+"""PGD: inside the ball and [0, 1], raises the loss, eval mode restored, parameters untouched."""
+
+import torch
+import torch.nn.functional as F
+
+from natgrad import models, objectives
+from natgrad.attacks import pgd
+
+
+def _model():
+    torch.manual_seed(0)
+    return models.create("preact-resnet18", 10, in_chans=3, act="gelu")
+
+
+def test_pgd_stays_in_ball_and_box_and_raises_loss():
+    model = _model().eval()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    x[0] = 0.0  # corners of the box
+    x[1] = 1.0
+    eps = 8 / 255
+    x_adv = pgd(model, x, y, eps, steps=5)
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+
+
+def test_pgd_restores_train_mode_and_leaves_no_parameter_gradients():
+    model = _model().train()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    pgd(model, torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)), 0.03, steps=2)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(bn.running_mean, before), "the attack must run in eval mode"
+
+
+def test_keep_best_is_at_least_as_strong_per_image():
+    model = _model().eval()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    torch.manual_seed(1)
+    last = pgd(model, x, y, 8 / 255, steps=4, step_size=4 / 255)
+    torch.manual_seed(1)
+    best = pgd(model, x, y, 8 / 255, steps=4, step_size=4 / 255, keep_best=True)
+    with torch.no_grad():
+        l_last = F.cross_entropy(model(last), y, reduction="none")
+        l_best = F.cross_entropy(model(best), y, reduction="none")
+        wrong_last = model(last).argmax(1) != y
+        wrong_best = model(best).argmax(1) != y
+    assert (wrong_best | ~wrong_last).all(), "an image fooled by the last iterate stays fooled"
+    assert ((l_best >= l_last - 1e-5) | wrong_best).all()
+
+
+def test_pgd_training_objective_attacks_in_eval_mode_with_warmup():
+    model = _model().train()
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    objective = objectives.create("pgd", model, eps=8 / 255, warmup_epochs=2)
+    out = objective(x, y, epoch_fraction=1.0)
+    assert abs(out["attack_step"] - (2 * 8 / 255 / 3) * 0.5) < 1e-12
+    out["loss"].backward()
+    assert model.training
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

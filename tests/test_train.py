@@ -1,0 +1,76 @@
+"""The training engine: run folder, exact resume, evaluation, non-finite losses."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, assert_same_weights, run_cli, weights
+from natgrad import config, data, objectives
+from natgrad.engine.checkpoint import load_weights
+from natgrad.engine.train import build_model
+from natgrad.objectives.natural import Natural
+
+
+def test_run_folder_and_metrics(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(["train", "fmnist-gradnorm", *TINY, "epochs=2", "--out", str(out), "--quiet"])[0] == 0
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "model.safetensors", "summary.json"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        assert {"epoch", "train_loss", "clean_acc", "seconds", "pgd_acc", "train_reg"} <= m.keys()
+    assert not list(out.rglob("*.tmp")), "no temporary files left behind"
+    # The logged clean accuracy is what the saved weights give, computed independently here.
+    cfg = config.load("fmnist-gradnorm", TINY + ["epochs=2"])
+    model = build_model(cfg)
+    load_weights(model, out / "model.safetensors")
+    model.eval()
+    ds = data.build(cfg, "test")
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert lines[-1]["clean_acc"] == pytest.approx(acc)
+    assert lines[-1]["eval_n"] == len(ds) == 64
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_done"] == 2 and summary["clean_acc"] == lines[-1]["clean_acc"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["method=gradnorm", "aug.mixup=0.8", "aug.cutmix=1.0", "gradnorm.warmup_epochs=1.5"],
+    ["method=pgd", "attack.random_start=true", "attack.warmup_epochs=1", "ema=true", "ema_decay=0.9"],
+])
+def test_resume_gives_the_same_weights_as_one_run(tmp_path, extra):
+    args = ["train", "fmnist-natural", *TINY, "epochs=2", *extra, "--quiet"]
+    assert run_cli(args + ["--out", str(tmp_path / "full")])[0] == 0
+    assert run_cli(args + ["stop_after=1", "--out", str(tmp_path / "half")])[0] == 0
+    assert json.loads((tmp_path / "half" / "summary.json").read_text())["epochs_done"] == 1
+    assert run_cli(args + ["--resume", "--out", str(tmp_path / "half")])[0] == 0
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "half"))
+    if "ema=true" in extra:
+        assert_same_weights(weights(tmp_path / "full", "model_ema.safetensors"),
+                            weights(tmp_path / "half", "model_ema.safetensors"))
+    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    half = (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if "seconds" not in k and k not in ("elapsed", "images_per_s")}
+    assert [strip(a) for a in full] == [strip(b) for b in half]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    class BreaksInEpochTwo(Natural):
+        def __call__(self, x, y, epoch_fraction=0.0):
+            out = super().__call__(x, y, epoch_fraction)
+            if epoch_fraction >= 1.25:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+    monkeypatch.setitem(objectives.REGISTRY, "natural", BreaksInEpochTwo)
+    out = tmp_path / "run"
+    code, err = run_cli(["train", "fmnist-natural", *TINY, "epochs=2", "--out", str(out), "--quiet"], capsys)
+    assert code == 2
+    assert "non-finite loss at step 10 (epoch 2)" in err and len(err.strip().splitlines()) == 1
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 8, "the checkpoint of the last good epoch is kept"
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
