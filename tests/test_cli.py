@@ -17,6 +17,8 @@ from conftest import TINY, run_cli, weights
     (["train", "fmnist-natural", "epochs=0"], "epochs=0 must be at least 1"),
     (["train", "fmnist-natural", "model.name=resnet81"], "unknown model 'resnet81'"),
     (["train", "fmnist-natural", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "fmnist-natural", *TINY, "batch_size=1000"], "fewer than batch_size=1000"),
+    (["train", "fmnist-natural", *TINY, "aug.mixup=0.8", "batch_size=31"], "even batch"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"

@@ -49,6 +49,9 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path, extra):
     assert json.loads((tmp_path / "half" / "summary.json").read_text())["epochs_done"] == 1
     assert run_cli(args + ["--resume", "--out", str(tmp_path / "half")])[0] == 0
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "half"))
+    finished = (tmp_path / "half" / "summary.json").read_text()
+    assert run_cli(args + ["--resume", "--out", str(tmp_path / "half")])[0] == 0, "resuming a finished run is a no-op"
+    assert (tmp_path / "half" / "summary.json").read_text() == finished
     if "ema=true" in extra:
         assert_same_weights(weights(tmp_path / "full", "model_ema.safetensors"),
                             weights(tmp_path / "half", "model_ema.safetensors"))

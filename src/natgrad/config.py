@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from natgrad.errors import UserError
+from natgrad.errors import UserError, did_you_mean
 
 METHODS = ("natural", "gradnorm", "pgd")
 DATASETS = ("fashion-mnist", "cifar10", "imagenet", "synthetic")
@@ -181,9 +181,7 @@ def _load_recipe_dict(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
         entry = _recipe_dir() / f"{name_or_path}.yaml"
         if not entry.is_file():
             names = [p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith(".yaml")]
-            close = difflib.get_close_matches(name_or_path, names, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UserError(f"unknown recipe {name_or_path!r}{hint}; `natgrad recipes` lists them")
+            raise UserError(f"unknown recipe {name_or_path!r}{did_you_mean(name_or_path, names)}; `natgrad recipes` lists them")
         data = _load_yaml(entry.read_text(), f"recipe {name_or_path}")
     parent = data.pop("inherit", None)
     if parent is None:
@@ -342,9 +340,7 @@ def _check(ok: bool, message: str) -> None:
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}{hint}")
+        raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
 
 
 def validate(cfg: RunConfig) -> None:

@@ -301,13 +301,10 @@ class EpochBatches:
 
     The union over processes of batch ``b`` is the same set of images for any world size,
     so a torchrun job sees exactly what one process with the same global batch sees.
+    ``batch_size`` must be a multiple of ``world``; the last partial batch is dropped.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0):
-        if batch_size % world:
-            raise UserError(f"batch_size={batch_size} is not divisible by the {world} processes; pick a multiple of {world}")
-        if n < batch_size:
-            raise UserError(f"the training set has {n} images, fewer than batch_size={batch_size}; lower batch_size or raise data.limit_train")
         self.perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         self.batch_size, self.rank, self.world, self.start = batch_size, rank, world, start
 

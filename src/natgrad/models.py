@@ -6,7 +6,6 @@ dataset's standardized space inside the model, so attacks and epsilons live in p
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Sequence
 
 import timm
@@ -15,7 +14,7 @@ from timm.layers import activations as timm_act
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from natgrad.errors import UserError
+from natgrad.errors import UserError, did_you_mean
 
 # Activation modules that ``act=`` replaces: torch's and timm's ReLU, GELU and SiLU families.
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -175,8 +174,7 @@ def create(
         default_mean, default_std = (0.5,) * in_chans, (0.5,) * in_chans
     else:
         if not timm.is_model(name):
-            close = difflib.get_close_matches(name, list(BUILTIN) + timm.list_models(), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = did_you_mean(name, list(BUILTIN) + timm.list_models())
             raise UserError(f"unknown model {name!r}{hint}; use cnn-small, preact-resnet18 or a name from timm.list_models()")
         net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
         cfg = getattr(net, "pretrained_cfg", {}) or {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -88,8 +89,6 @@ def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
 
 
 def _writable(folder: Path) -> bool:
-    import os
-
     return os.access(folder, os.W_OK | os.X_OK)
 
 
@@ -103,10 +102,11 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
     """Train as configured into the run folder ``out``; returns the summary written to ``summary.json``."""
     out = Path(out)
     config_mod.validate(cfg)
-    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
-        if cfg.batch_size % 2:
-            raise UserError(f"mixup/cutmix need an even batch_size per process (got {cfg.batch_size})")
     ctx = setup(cfg.device)
+    if cfg.batch_size % ctx.world:
+        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {ctx.world} processes; use a multiple of {ctx.world}")
+    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and (cfg.batch_size // ctx.world) % 2:
+        raise UserError(f"mixup/cutmix need an even batch per process (got {cfg.batch_size // ctx.world}); change batch_size")
     if ctx.is_main:
         _check_out_dir(out, resume, cfg)
     barrier(ctx.world)
@@ -117,8 +117,6 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
     steps_per_epoch = data.steps_per_epoch(len(train_ds), cfg.batch_size)
     if steps_per_epoch == 0:
         raise UserError(f"the training set has {len(train_ds)} images, fewer than batch_size={cfg.batch_size}; lower batch_size")
-    if cfg.batch_size % ctx.world:
-        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {ctx.world} processes")
     total_steps = cfg.epochs * steps_per_epoch
 
     seed_everything(cfg.seed)
@@ -143,6 +141,10 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
             ema.load_state_dict(state["ema"])
         step, elapsed, sums = state["step"], state["elapsed"], state["epoch_sums"]
         ckpt.set_rng_state(state["rng"])
+        if step >= total_steps and (out / "summary.json").is_file():
+            if ctx.is_main and progress:
+                print(f"natgrad: {out} already finished all {cfg.epochs} epochs; nothing to do", flush=True)
+            return json.loads((out / "summary.json").read_text())
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))

@@ -7,12 +7,11 @@ whose ``loss`` is the scalar to backward; ``logits`` are the logits the loss saw
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable
 
 from torch import nn
 
-from natgrad.errors import UserError
+from natgrad.errors import UserError, did_you_mean
 from natgrad.objectives.base import Objective
 from natgrad.objectives.gradnorm import GradNorm
 from natgrad.objectives.natural import Natural
@@ -28,9 +27,7 @@ REGISTRY: dict[str, Callable[..., Objective]] = {
 def create(name: str, model: nn.Module, **params: Any) -> Objective:
     """Build the objective ``name`` for ``model`` with its parameters (e.g. ``eps``, ``gn_weight``)."""
     if name not in REGISTRY:
-        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"unknown objective {name!r}{hint}; choose from {', '.join(REGISTRY)}")
+        raise UserError(f"unknown objective {name!r}{did_you_mean(name, REGISTRY)}; choose from {', '.join(REGISTRY)}")
     try:
         return REGISTRY[name](model, **params)
     except TypeError as e:
