@@ -107,9 +107,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {ctx.world} processes; use a multiple of {ctx.world}")
     if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and (cfg.batch_size // ctx.world) % 2:
         raise UserError(f"mixup/cutmix need an even batch per process (got {cfg.batch_size // ctx.world}); change batch_size")
-    if ctx.is_main:
-        _check_out_dir(out, resume, cfg)
-    barrier(ctx.world)
+    _check_out_dir(out, resume, cfg)  # on every process, so that all stop together on bad input
+    barrier(ctx.world)  # before rank 0 starts writing into ``out``
 
     train_ds = data.build(cfg, "train")
     eval_ds = data.build(cfg, "test")
