@@ -1,6 +1,5 @@
 """GradNorm (Eq. 2) against independent computations."""
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -201,10 +201,6 @@ def _deep_merge(base: dict, top: dict) -> dict:
 # ---------------------------------------------------------------------------- keys and values
 
 
-def _sections(cls: type = RunConfig) -> dict[str, Any]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
 def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
     """Every dotted key a config accepts."""
     keys = []
@@ -345,6 +341,7 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range and choice checks that types alone cannot express."""
+    flat = flatten(to_dict(cfg))
     _choice("method", cfg.method, METHODS)
     _choice("data.name", cfg.data.name, DATASETS)
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
@@ -358,7 +355,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be 0 (epoch ends) or a number of steps")
     _check(0.0 < cfg.ema_decay < 1.0, f"ema_decay={cfg.ema_decay} must be in (0, 1)")
     for key in ("data.limit_train", "data.limit_eval"):
-        value = flatten(to_dict(cfg))[key]
+        value = flat[key]
         _check(value is None or value >= 1, f"{key}={value} must be at least 1 (or null for the whole set)")
     _check(cfg.data.num_workers >= 0, "data.num_workers must be 0 or more")
     _check(cfg.gradnorm.ce_weight >= 0 and cfg.gradnorm.gn_weight >= 0, "gradnorm.ce_weight and gradnorm.gn_weight must be non-negative")
@@ -367,7 +364,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.eval.pgd_steps >= 0, "eval.pgd_steps must be 0 (no PGD evaluation) or more")
     _check(cfg.eval.every >= 1, "eval.every must be at least 1")
     for key in ("aug.reprob", "aug.mixup_prob", "aug.mixup_switch_prob", "aug.smoothing", "aug.hflip"):
-        value = flatten(to_dict(cfg))[key]
+        value = flat[key]
         _check(0.0 <= value <= 1.0, f"{key}={value} must be in [0, 1]")
     _check(cfg.aug.mixup >= 0 and cfg.aug.cutmix >= 0, "aug.mixup and aug.cutmix are Beta-distribution alphas and must be >= 0")
     _check(min(cfg.optim.warmup_epochs, cfg.gradnorm.warmup_epochs, cfg.attack.warmup_epochs) >= 0, "warmup epochs must be >= 0")
