@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from natgrad import config, data
 from natgrad.cli import main
+from natgrad.errors import UserError
 
 TINY = [
     "data.name=synthetic", "data.synthetic_size=256", "data.image_size=28", "data.channels=1",
@@ -39,3 +41,12 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
             assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
         else:
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=f"{k} differs")
+
+
+@pytest.fixture
+def fmnist() -> Path:
+    """The Fashion-MNIST folder; the test is skipped where it is not installed (`make test` installs it)."""
+    try:
+        return data.find_fashion_mnist(config.DataConfig())
+    except UserError:
+        pytest.skip("Fashion-MNIST is not installed (make test installs it)")

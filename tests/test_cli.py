@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY, run_cli, weights
 
 
@@ -19,6 +18,14 @@ from conftest import TINY, run_cli, weights
     (["train", "fmnist-natural", "--bogus"], "unrecognized arguments: --bogus"),
     (["train", "fmnist-natural", *TINY, "batch_size=1000"], "fewer than batch_size=1000"),
     (["train", "fmnist-natural", *TINY, "aug.mixup=0.8", "batch_size=31"], "even batch"),
+    (["train", "fmnist-edge", "edge.tau=0"], "edge.tau=0.0 must be positive"),
+    (["train", "fmnist-edge", "edge.sigma=-1"], "edge.sigma=-1.0 must be positive"),
+    (["train", "fmnist-edge", "edge.teacher=sobel"], "edge.teacher='sobel' is not one of energy, magnitude"),
+    (["train", "fmnist-gradnorm", "gradnorm.channel_weights=[1,2,1]"], "has 3 entries but fashion-mnist images have 1"),
+    (["train", "fmnist-gradnorm", "gradnorm.channel_weights=green"], "not a valid list of float"),
+    (["train", "fmnist-gradnorm-fd", "gradnorm.fd_step=0"], "gradnorm.fd_step=0.0 must be positive"),
+    (["train", "fmnist-gradnorm", "gradnorm.input_noise=gauss"], "did you mean gaussian"),
+    (["train", "fmnist-gradnorm", "init=/no/such/weights.safetensors"], "init=/no/such/weights.safetensors is neither"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "run"

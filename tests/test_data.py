@@ -13,15 +13,8 @@ from natgrad.data import EpochBatches
 from natgrad.errors import UserError
 
 
-def _fmnist_folder():
-    try:
-        return data.find_fashion_mnist(config.DataConfig())
-    except UserError:
-        pytest.skip("Fashion-MNIST is not installed (make test installs it)")
-
-
-def test_fashion_mnist_matches_torchvision_reader(tmp_path):
-    folder = _fmnist_folder()
+def test_fashion_mnist_matches_torchvision_reader(tmp_path, fmnist):
+    folder = fmnist
     src = data._idx_file(folder, "t10k-labels-idx1-ubyte")
     raw = tmp_path / "labels"
     opener = gzip.open if src.suffix == ".gz" else open

@@ -1,5 +1,6 @@
 """GradNorm (Eq. 2) against independent computations."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,3 +97,174 @@ def test_unknown_objective_is_a_user_error():
 
     with pytest.raises(UserError, match="did you mean gradnorm"):
         objectives.create("gradnrom", tiny_net())
+
+
+# ---------------------------------------------------------------------------- options
+
+
+def rgb_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    return models.Classifier(net, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+
+
+def _per_image_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = []
+    for i in range(len(x)):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i : i + 1]), xi)
+        out.append(g[0])
+    return torch.stack(out)
+
+
+def test_unit_channel_weights_equal_plain_gradnorm_exactly():
+    model = rgb_net()
+    x, y = torch.rand(4, 3, 6, 6), torch.tensor([0, 1, 2, 1])
+    plain = objectives.create("gradnorm", model, eps=0.1, ce_weight=0.8, gn_weight=1.2)(x, y)
+    ones = objectives.create("gradnorm", model, eps=0.1, ce_weight=0.8, gn_weight=1.2, channel_weights=[1, 1, 1])(x, y)
+    assert ones["reg"] == plain["reg"] and torch.equal(ones["loss"], plain["loss"])
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(plain["loss"], params), torch.autograd.grad(ones["loss"], params)):
+        assert torch.equal(a, b)
+
+
+def test_channel_weights_and_l2_norm_against_a_per_image_loop():
+    model = rgb_net()
+    x, y = torch.rand(4, 3, 6, 6), torch.tensor([0, 1, 2, 1])
+    g = _per_image_grads(model, x, y)
+    c = torch.tensor([1.0, 2.0, 1.0]).view(3, 1, 1)
+    green = objectives.create("gradnorm", model, eps=0.1, channel_weights=[1, 2, 1])(x, y)
+    assert green["reg"] == pytest.approx(0.1 * (c * g).abs().flatten(1).sum(1).mean().item(), rel=1e-5)
+    l2 = objectives.create("gradnorm", model, eps=0.1, norm="l2")(x, y)
+    assert l2["reg"] == pytest.approx(0.1 * g.flatten(1).norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_input_noise_takes_the_loss_at_the_perturbed_input():
+    model = rgb_net()
+    x, y = torch.rand(6, 3, 6, 6), torch.tensor([0, 1, 2, 1, 0, 2])
+    for kind, bound in (("uniform", 0.05), ("gaussian", None), ("pgd", 0.05)):
+        objective = objectives.create("gradnorm", model, eps=0.05, input_noise=kind, noise_std=0.01)
+        torch.manual_seed(4)
+        x_noisy = objective.perturb(x, y)
+        assert x_noisy.min() >= 0 and x_noisy.max() <= 1 and not torch.equal(x_noisy, x)
+        if bound is not None:
+            assert (x_noisy - x).abs().max() <= bound + 1e-6
+        torch.manual_seed(4)
+        out = objective(x, y)
+        expected = 0.05 * _per_image_grads(model, x_noisy, y).abs().flatten(1).sum(1).mean().item()
+        assert out["reg"] == pytest.approx(expected, rel=1e-5), kind
+    with torch.no_grad():
+        torch.manual_seed(4)
+        gauss = objectives.create("gradnorm", model, eps=0.05, input_noise="gaussian", noise_std=0.01).perturb(x, y)
+    inside = (x > 0.05) & (x < 0.95)  # away from the clamp
+    assert (gauss - x)[inside].std().item() == pytest.approx(0.01, rel=0.15)
+
+
+# ---------------------------------------------------------------------------- gradnorm-fd
+
+
+def _param_grad(model: nn.Module, objective, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    objective(x, y)["loss"].backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+class _Counter:
+    """Counts forward passes of a model and backward passes through its logits."""
+
+    def __init__(self, model: nn.Module):
+        self.forward = self.backward = 0
+        model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module, inputs, output):
+        self.forward += 1
+        output.register_hook(self._on_backward)
+
+    def _on_backward(self, grad):
+        self.backward += 1
+
+
+def test_fd_gradient_matches_double_backprop_in_two_forward_and_two_backward_passes():
+    torch.manual_seed(0)
+    model = models.create("cnn-small", 10, in_chans=1, act="gelu")
+    x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    params = {"eps": 0.1, "ce_weight": 0.8, "gn_weight": 1.2}
+    exact = _param_grad(model, objectives.create("gradnorm", model, **params), x, y)
+    counter = _Counter(model)
+    fd_objective = objectives.create("gradnorm-fd", model, **params)
+    out = fd_objective(x, y)
+    assert (counter.forward, counter.backward) == (2, 1)
+    model.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    assert (counter.forward, counter.backward) == (2, 2)
+    approx = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert F.cosine_similarity(exact, approx, dim=0) >= 0.99
+    # the reported value is the objective itself, exactly as double backprop computes it
+    reference = objectives.create("gradnorm", model, **params)(x, y)
+    assert out["reg"] == pytest.approx(reference["reg"], rel=1e-5)
+    assert out["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-5)
+
+
+def test_fd_error_shrinks_with_the_step():
+    torch.manual_seed(0)
+    model = models.create("cnn-small", 10, in_chans=1, act="gelu")
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    exact = _param_grad(model, objectives.create("gradnorm", model, eps=0.1, norm="l2", channel_weights=[3.0]), x, y)
+    errors = []
+    for h in (0.1, 0.01):
+        approx = _param_grad(model, objectives.create("gradnorm-fd", model, eps=0.1, norm="l2", channel_weights=[3.0],
+                                                      fd_step=h), x, y)
+        errors.append(((approx - exact).norm() / exact.norm()).item())
+    assert errors[1] < errors[0] / 3, errors
+
+
+class _Attention(nn.Module):
+    """A tiny attention classifier on 4x4 patches of 8x8 images."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(len(x), 4, 16))
+        q = tokens.unsqueeze(1)
+        return self.head(F.gelu(F.scaled_dot_product_attention(q, q, q)).mean((1, 2)))
+
+
+def test_fd_runs_with_fused_attention_kernels_that_have_no_double_backward():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = models.Classifier(_Attention(), (0.5,), (0.25,))
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    exact = _param_grad(model, objectives.create("gradnorm", model, eps=0.1), x, y)  # selects the math kernel itself
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        with pytest.raises(RuntimeError, match="not implemented"):  # what double backprop would meet
+            xr = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(xr), y), xr, create_graph=True)
+            g.abs().sum().backward()
+        approx = _param_grad(model, objectives.create("gradnorm-fd", model, eps=0.1, fd_step=0.001), x, y)
+    assert F.cosine_similarity(exact, approx, dim=0) >= 0.99
+
+
+def test_fd_uses_the_same_dropout_masks_in_both_passes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 32), nn.GELU(), nn.Dropout(0.5), nn.Linear(32, 3))
+    model = models.Classifier(net, (0.5,), (0.25,)).train()
+    x, y = torch.rand(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    torch.manual_seed(7)
+    exact = _param_grad(model, objectives.create("gradnorm", model, eps=0.1), x, y)
+    torch.manual_seed(7)
+    approx = _param_grad(model, objectives.create("gradnorm-fd", model, eps=0.1, fd_step=0.001), x, y)
+    assert F.cosine_similarity(exact, approx, dim=0) >= 0.999
+
+
+def test_fd_skips_the_second_pass_while_the_penalty_weight_is_zero():
+    torch.manual_seed(0)
+    model = models.create("cnn-small", 10, in_chans=1)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    counter = _Counter(model)
+    approx = _param_grad(model, objectives.create("gradnorm-fd", model, eps=0.1, ce_weight=0.8, warmup_epochs=1), x, y)
+    assert counter.forward == 1
+    exact = torch.autograd.grad(0.8 * F.cross_entropy(model(x), y), list(model.parameters()))
+    torch.testing.assert_close(approx, torch.cat([g.flatten() for g in exact]))

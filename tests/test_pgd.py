@@ -1,5 +1,6 @@
 """PGD: inside the ball and [0, 1], raises the loss, eval mode restored, parameters untouched."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -60,3 +61,39 @@ def test_pgd_training_objective_attacks_in_eval_mode_with_warmup():
     out["loss"].backward()
     assert model.training
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_fgsm_is_one_step_of_1_25_eps_from_a_uniform_start_inside_ball_and_box():
+    from natgrad.attacks import fgsm
+
+    model = _model().eval()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    x[0], x[1] = 0.0, 1.0
+    eps = 8 / 255
+    torch.manual_seed(5)
+    x_adv = fgsm(model, x, y, eps)
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # independently (Wong et al. 2020, Algorithm 3): delta ~ U(-eps, eps), x + delta in [0, 1],
+    # delta += 1.25 eps sign(grad), projected to the ball and the box
+    torch.manual_seed(5)
+    start = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(start), y, reduction="sum"), start)
+    delta = (start.detach() + 1.25 * eps * g.sign() - x).clamp(-eps, eps)
+    torch.testing.assert_close(x_adv, (x + delta).clamp(0, 1))
+    assert (x_adv - x).abs().amax((1, 2, 3)).min() > 0.99 * eps, "a 1.25 eps step reaches the ball's surface"
+
+
+def test_fgsm_training_uses_fgsm_examples():
+    model = _model().eval()  # BatchNorm statistics fixed, so that both attacks see the same model
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    objective = objectives.create("fgsm", model, eps=8 / 255)
+    assert objective.steps == 1 and objective.random_start and objective.step_size == pytest.approx(1.25 * 8 / 255)
+    torch.manual_seed(2)
+    out = objective(x, y)
+    from natgrad.attacks import fgsm
+
+    torch.manual_seed(2)
+    x_adv = fgsm(model, x, y, 8 / 255)
+    assert out["ce"] == pytest.approx(F.cross_entropy(model(x_adv), y).item(), abs=1e-5)
+    assert out["ce"] > F.cross_entropy(model(x), y).item()

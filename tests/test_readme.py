@@ -6,7 +6,7 @@ from pathlib import Path
 
 def test_readme_example_runs():
     text = (Path(__file__).parent.parent / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
     assert len(code.strip().splitlines()) <= 12
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY, assert_same_weights, run_cli, weights
+
 from natgrad import config, data, objectives
 from natgrad.engine.checkpoint import load_weights
 from natgrad.engine.train import build_model
@@ -77,3 +77,23 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 8, "the checkpoint of the last good epoch is kept"
     assert all(torch.isfinite(v).all() for v in weights(out).values())
+
+
+def test_init_starts_from_saved_weights_and_refuses_a_mismatch(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert run_cli(["train", "fmnist-natural", *TINY, "epochs=1", "--out", str(first), "--quiet"])[0] == 0
+    frozen = ["epochs=1", "lr=1e-12", "optim.sched=none", "optim.weight_decay=0", "method=gradnorm", "ema=true"]
+    # a run folder or its safetensors file; with a vanishing learning rate the weights stay the initial ones
+    for i, init in enumerate([first, first / "model.safetensors"]):
+        out = tmp_path / f"tuned{i}"
+        assert run_cli(["train", "fmnist-natural", *TINY, *frozen, f"init={init}", "--out", str(out), "--quiet"])[0] == 0
+        assert_same_weights(weights(out), weights(first), atol=1e-7)
+        assert_same_weights(weights(out, "model_ema.safetensors"), weights(first), atol=1e-7)
+    scratch = tmp_path / "scratch"
+    assert run_cli(["train", "fmnist-natural", *TINY, *frozen, "seed=1", "--out", str(scratch), "--quiet"])[0] == 0
+    assert not torch.allclose(weights(scratch)["net.9.weight"], weights(first)["net.9.weight"])
+    bad = tmp_path / "bad"
+    code, err = run_cli(["train", "fmnist-natural", *TINY, "model.name=preact-resnet18", f"init={first}", "--out", str(bad)],
+                        capsys)
+    assert code == 2 and "does not fit this model" in err and len(err.strip().splitlines()) == 1
+    assert not bad.exists()

@@ -22,7 +22,7 @@ import yaml
 
 from natgrad.errors import UserError, did_you_mean
 
-METHODS = ("natural", "gradnorm", "pgd")
+METHODS = ("natural", "gradnorm", "gradnorm-fd", "pgd", "fgsm", "edge")
 DATASETS = ("fashion-mnist", "cifar10", "imagenet", "synthetic")
 
 
@@ -88,21 +88,41 @@ class OptimConfig:
 
 @dataclass
 class GradNormConfig:
-    """Eq. 2: ce_weight * CE + gn_weight * w(t) * eps * mean_i ||grad_x CE_i||_1."""
+    """Eq. 2: ce_weight * CE + gn_weight * w(t) * eps * mean_i ||c * grad_x CE_i||_norm (gradnorm, gradnorm-fd)."""
 
     ce_weight: float = 1.0
     gn_weight: float = 1.0
     warmup_epochs: float = 0.0  # w(t) rises linearly 0 -> 1 over this many epochs, per iteration
+    norm: str = "l1"  # l1 (the paper; dual of the L-inf ball) or l2
+    channel_weights: list[float] | None = None  # c, one weight per image channel (Section 5.2: [1, 2, 1])
+    input_noise: str = "none"  # none | gaussian | uniform | pgd: take the loss at a perturbed input (Table 8)
+    noise_std: float | None = None  # gaussian noise std in pixel units (default eps)
+    fd_step: float | None = None  # gradnorm-fd: finite-difference step h in pixel units (default eps / 32)
 
 
 @dataclass
 class AttackConfig:
-    """PGD adversarial training (Appendix G: 3 steps of 2*eps/3)."""
+    """PGD adversarial training (Appendix G: 3 steps of 2*eps/3), FGSM training (one step of 1.25*eps from a random start),
+    and gradnorm.input_noise=pgd."""
 
-    steps: int = 3
-    step_size: float | None = None  # default 2 * eps / steps
-    random_start: bool = False
+    steps: int = 3  # PGD steps (FGSM always takes one)
+    step_size: float | None = None  # default: 2 * eps / steps for PGD, 1.25 * eps for FGSM
+    random_start: bool | None = None  # start uniformly in the eps-ball; default: no for PGD, yes for FGSM
     warmup_epochs: float = 0.0  # attack step rises linearly 0 -> 1 over this many epochs
+
+
+@dataclass
+class EdgeConfig:
+    """Edge regularization (Section 5.3, Eq. 3-4): CE + w(epoch) * (1 - cos(student, teacher))."""
+
+    weight: float = 1.0  # w at epoch 0
+    weight_per_epoch: float = 0.0  # w grows by this much each finished epoch (the authors' code: 0.09)
+    weight_max: float | None = None  # and stops here (the authors' code: 19)
+    tau: float = 0.5  # the class t is drawn from softmax(logits / tau)
+    sigma: float = 1.0  # scale of the Gaussian-derivative filters, in pixels
+    student: str = "class"  # class: grad_x logit_t (the paper); loss: grad_x CE; saliency: max_c |grad_x logit_t|
+    teacher: str = "energy"  # energy: |g_u*x|^2 + |g_v*x|^2 (the paper); magnitude: its square root (the authors' code)
+    cosine: str = "per_image"  # per_image (the paper) or batch: one cosine over the whole batch (the authors' code)
 
 
 @dataclass
@@ -128,6 +148,7 @@ class RunConfig:
     ema_decay: float = 0.9998
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
     stop_after: int | None = None  # stop after this many epochs in this invocation (resume later)
+    init: str | None = None  # start from these weights: a .safetensors file or a run folder (fine-tuning)
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -135,6 +156,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -217,7 +239,7 @@ def _unknown_key(key: str) -> UserError:
     keys = all_keys()
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     leaf = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
-    hint = close[0] if close else (leaf[0] if len(leaf) == 1 else None)
+    hint = leaf[0] if len(leaf) == 1 else (close[0] if close else None)
     hint_text = f"; did you mean {hint}?" if hint else ""
     sections = sorted({k.split(".")[0] for k in keys})
     return UserError(f"unknown config key {key!r}{hint_text} (keys: {', '.join(sections)}; `natgrad recipes --keys` lists all)")
@@ -251,6 +273,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     elif typ is str:
         if isinstance(value, str):
             return value
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (inner,) = typing.get_args(typ)
+            return [_coerce(key, v, inner) for v in value]
+        name = f"list of {typing.get_args(typ)[0].__name__}"
+        raise UserError(f"{key}={value!r} is not a valid {name}; give a list such as [1, 2, 1]")
     name = getattr(typ, "__name__", str(typ))
     raise UserError(f"{key}={value!r} is not a valid {name}; give a {name}")
 
@@ -361,6 +389,35 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.gradnorm.ce_weight >= 0 and cfg.gradnorm.gn_weight >= 0, "gradnorm.ce_weight and gradnorm.gn_weight must be non-negative")
     _check(cfg.attack.steps >= 1, f"attack.steps={cfg.attack.steps} must be at least 1")
     _check(cfg.attack.step_size is None or cfg.attack.step_size > 0, "attack.step_size must be positive")
+    _choice("gradnorm.norm", cfg.gradnorm.norm, ("l1", "l2"))
+    _choice("gradnorm.input_noise", cfg.gradnorm.input_noise, ("none", "gaussian", "uniform", "pgd"))
+    _check(cfg.gradnorm.noise_std is None or cfg.gradnorm.noise_std > 0, f"gradnorm.noise_std={cfg.gradnorm.noise_std} must be positive")
+    _check(cfg.gradnorm.fd_step is None or cfg.gradnorm.fd_step > 0,
+           f"gradnorm.fd_step={cfg.gradnorm.fd_step} must be positive (a finite-difference step in pixel units, e.g. 0.01)")
+    weights = cfg.gradnorm.channel_weights
+    if weights is not None:
+        from natgrad.data import (
+            info,  # here, not at the top: natgrad.data imports this module
+        )
+
+        channels = info(cfg.data).in_chans
+        _check(len(weights) == channels, f"gradnorm.channel_weights has {len(weights)} entries but {cfg.data.name} images have "
+                                         f"{channels} channel(s); give one weight per channel")
+        _check(all(w >= 0 for w in weights), "gradnorm.channel_weights must be non-negative")
+    e = cfg.edge
+    _check(e.tau > 0, f"edge.tau={e.tau} must be positive (a softmax temperature, the paper uses 0.5)")
+    _check(e.sigma > 0, f"edge.sigma={e.sigma} must be positive (the Gaussian-derivative filter scale in pixels)")
+    _check(e.weight >= 0 and e.weight_per_epoch >= 0, "edge.weight and edge.weight_per_epoch must be non-negative")
+    _check(e.weight_max is None or e.weight_max >= e.weight, f"edge.weight_max={e.weight_max} must be at least edge.weight={e.weight}")
+    _choice("edge.student", e.student, ("class", "loss", "saliency"))
+    _choice("edge.teacher", e.teacher, ("energy", "magnitude"))
+    _choice("edge.cosine", e.cosine, ("per_image", "batch"))
+    from natgrad.engine.checkpoint import (
+        weights_file,  # lazily: the engine imports this module
+    )
+
+    _check(cfg.init is None or weights_file(cfg.init).is_file(),
+           f"init={cfg.init} is neither a .safetensors file nor a run folder holding model.safetensors; give the weights to start from")
     _check(cfg.eval.pgd_steps >= 0, "eval.pgd_steps must be 0 (no PGD evaluation) or more")
     _check(cfg.eval.every >= 1, "eval.every must be at least 1")
     for key in ("aug.reprob", "aug.mixup_prob", "aug.mixup_switch_prob", "aug.smoothing", "aug.hflip"):

@@ -6,7 +6,7 @@ dataset's standardized space inside the model, so attacks and epsilons live in p
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import timm
 import torch
@@ -49,7 +49,7 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         if self.bn_eval:
             for m in self.modules():

@@ -1,5 +1,6 @@
 """Adversarial attacks. Each runs the model in eval mode, restores its mode, and leaves no parameter gradients."""
 
+from natgrad.attacks.fgsm import fgsm
 from natgrad.attacks.pgd import eval_mode, pgd
 
-__all__ = ["eval_mode", "pgd"]
+__all__ = ["eval_mode", "fgsm", "pgd"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,12 @@ def save_weights(model: nn.Module, path: Path) -> None:
     """Model weights (and buffers) as safetensors."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def weights_file(path: str | Path) -> Path:
+    """A .safetensors file as given, or a run folder's ``model.safetensors``."""
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

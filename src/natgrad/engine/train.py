@@ -10,6 +10,7 @@ Run folder: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``, ``model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,16 +41,35 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 MIN_FREE_BYTES = 64 * 2**20
 
 
+def _gradnorm_params(cfg: RunConfig) -> dict[str, Any]:
+    g, a = cfg.gradnorm, cfg.attack
+    params = {"eps": cfg.eps, "ce_weight": g.ce_weight, "gn_weight": g.gn_weight, "warmup_epochs": g.warmup_epochs,
+              "norm": g.norm, "channel_weights": g.channel_weights, "input_noise": g.input_noise, "noise_std": g.noise_std,
+              "attack_steps": a.steps, "attack_step_size": a.step_size, "attack_random_start": a.random_start}
+    return params if cfg.method == "gradnorm" else {**params, "fd_step": g.fd_step}
+
+
+def _attack_params(cfg: RunConfig) -> dict[str, Any]:
+    a = cfg.attack
+    params = {"eps": cfg.eps, "step_size": a.step_size, "warmup_epochs": a.warmup_epochs}
+    if a.random_start is not None:
+        params["random_start"] = a.random_start
+    return params if cfg.method == "fgsm" else {**params, "steps": a.steps}
+
+
+_PARAMS = {
+    "natural": lambda cfg: {},
+    "gradnorm": _gradnorm_params,
+    "gradnorm-fd": _gradnorm_params,
+    "pgd": _attack_params,
+    "fgsm": _attack_params,
+    "edge": lambda cfg: dataclasses.asdict(cfg.edge),
+}
+
+
 def objective_params(cfg: RunConfig) -> dict[str, Any]:
     """The parameters ``objectives.create`` takes for the configured method."""
-    if cfg.method == "gradnorm":
-        g = cfg.gradnorm
-        return {"eps": cfg.eps, "ce_weight": g.ce_weight, "gn_weight": g.gn_weight, "warmup_epochs": g.warmup_epochs}
-    if cfg.method == "pgd":
-        a = cfg.attack
-        return {"eps": cfg.eps, "steps": a.steps, "step_size": a.step_size, "random_start": a.random_start,
-                "warmup_epochs": a.warmup_epochs}
-    return {}
+    return _PARAMS[cfg.method](cfg)
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
@@ -103,6 +123,9 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
     out = Path(out)
     config_mod.validate(cfg)
     ctx = setup(cfg.device)
+    if ctx.device.type == "cpu":
+        # Well-fitted models have tiny input gradients; their denormal floats slow CPU arithmetic many-fold.
+        torch.set_flush_denormal(True)
     if cfg.batch_size % ctx.world:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {ctx.world} processes; use a multiple of {ctx.world}")
     if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and (cfg.batch_size // ctx.world) % 2:
@@ -120,6 +143,8 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
 
     seed_everything(cfg.seed)
     model = build_model(cfg).to(ctx.device)
+    if cfg.init and not resume:  # fine-tuning; checked before the run folder is created
+        ckpt.load_weights(model, ckpt.weights_file(cfg.init))
     optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=cfg.lr, weight_decay=cfg.optim.weight_decay,
                                     eps=cfg.optim.opt_eps, momentum=cfg.optim.momentum)
     scheduler = None

@@ -7,20 +7,25 @@ whose ``loss`` is the scalar to backward; ``logits`` are the logits the loss saw
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
 from natgrad.errors import UserError, did_you_mean
 from natgrad.objectives.base import Objective
-from natgrad.objectives.gradnorm import GradNorm
+from natgrad.objectives.edge import EdgeRegularization
+from natgrad.objectives.gradnorm import GradNorm, GradNormFD
 from natgrad.objectives.natural import Natural
-from natgrad.objectives.pgd import PGDTraining
+from natgrad.objectives.pgd import FGSMTraining, PGDTraining
 
 REGISTRY: dict[str, Callable[..., Objective]] = {
     "natural": Natural,
     "gradnorm": GradNorm,
+    "gradnorm-fd": GradNormFD,
     "pgd": PGDTraining,
+    "fgsm": FGSMTraining,
+    "edge": EdgeRegularization,
 }
 
 
@@ -34,4 +39,14 @@ def create(name: str, model: nn.Module, **params: Any) -> Objective:
         raise UserError(f"objective {name}: {e}") from None
 
 
-__all__ = ["Objective", "create", "REGISTRY", "Natural", "GradNorm", "PGDTraining"]
+__all__ = [
+    "REGISTRY",
+    "EdgeRegularization",
+    "FGSMTraining",
+    "GradNorm",
+    "GradNormFD",
+    "Natural",
+    "Objective",
+    "PGDTraining",
+    "create",
+]

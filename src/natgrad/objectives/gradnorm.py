@@ -1,46 +1,176 @@
-"""GradNorm, the paper's Eq. 2, by double backprop.
+"""GradNorm, the paper's Eq. 2: by double backprop (``gradnorm``) or by finite differences (``gradnorm-fd``).
 
-``loss = ce_weight * CE + gn_weight * w(t) * eps * mean_i ||grad_x CE_i||_1`` with x in
-pixel space, which equals the paper's ``(eps / sigma) ||grad_{x_normalized} CE||_1``.
-Gradients are taken of the *sum* of per-image losses, so each image's gradient is its own
-(not 1/B of it, as the gradient of a batch-mean loss would be).
+``loss = ce_weight * CE + gn_weight * w(t) * eps * mean_i ||c * grad_x CE_i||`` with x in pixel
+space, which equals the paper's ``(eps / sigma) ||grad_{x_normalized} CE||_1`` for the L1 norm and
+``c = 1``. Gradients are taken of the *sum* of per-image losses, so each image's gradient is its
+own (not 1/B of it, as the gradient of a batch-mean loss would be).
+
+Options: ``norm`` (l1, l2), per-channel weights ``c`` (Section 5.2), and ``input_noise`` (Table 8):
+the whole loss, CE and penalty, is taken at a gaussian-, uniform- or PGD-perturbed input.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from natgrad.attacks import pgd
+from natgrad.errors import UserError, did_you_mean
 from natgrad.losses import per_sample_ce
 from natgrad.objectives.base import Objective, linear_warmup
 
+NORMS = ("l1", "l2")
+NOISES = ("none", "gaussian", "uniform", "pgd")
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits, per-image CE and per-image input gradients of CE.
 
-    Fused scaled-dot-product-attention kernels have no double backward, so with
-    ``create_graph`` the math kernel is selected (it is a no-op for models without attention).
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, create_graph: bool,
+                   output: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, per-image outputs and per-image input gradients of those outputs.
+
+    Args:
+        output: maps logits to one value per image; default the cross-entropy with ``y``.
+        create_graph: keep the graph of the gradient for double backprop. Fused
+            scaled-dot-product-attention kernels have no double backward, so then the math
+            kernel is selected (a no-op for models without attention).
     """
     x = x.detach().requires_grad_(True)
     with sdpa_kernel([SDPBackend.MATH]) if create_graph else torch.enable_grad():
         logits = model(x)
-        ce = per_sample_ce(logits, y)
-        (grad,) = torch.autograd.grad(ce.sum(), x, create_graph=create_graph)
-    return logits, ce, grad
+        values = per_sample_ce(logits, y) if output is None else output(logits)
+        (grad,) = torch.autograd.grad(values.sum(), x, create_graph=create_graph)
+    return logits, values, grad
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
 
 
 class GradNorm(Objective):
-    """Penalize the L1 norm of the loss-input gradient on natural images."""
+    """Penalize the norm of the loss-input gradient, by double backprop."""
 
-    def __init__(self, model: nn.Module, eps: float, ce_weight: float = 1.0, gn_weight: float = 1.0, warmup_epochs: float = 0.0):
+    def __init__(self, model: nn.Module, eps: float, ce_weight: float = 1.0, gn_weight: float = 1.0,
+                 warmup_epochs: float = 0.0, norm: str = "l1", channel_weights: Sequence[float] | None = None,
+                 input_noise: str = "none", noise_std: float | None = None, attack_steps: int = 3,
+                 attack_step_size: float | None = None, attack_random_start: bool | None = False):
         super().__init__(model)
+        _choice("norm", norm, NORMS)
+        _choice("input_noise", input_noise, NOISES)
         self.eps, self.ce_weight, self.gn_weight, self.warmup_epochs = eps, ce_weight, gn_weight, warmup_epochs
+        self.norm, self.input_noise = norm, input_noise
+        self.channel_weights = None if channel_weights is None else torch.tensor(list(channel_weights), dtype=torch.float32)
+        self.noise_std = eps if noise_std is None else noise_std
+        self.attack_steps, self.attack_random_start = attack_steps, bool(attack_random_start)
+        self.attack_step_size = 2 * eps / attack_steps if attack_step_size is None else attack_step_size
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The input the loss is taken at: ``x`` itself, or a noisy or adversarial version in [0, 1]."""
+        if self.input_noise == "none":
+            return x
+        if self.input_noise == "pgd":
+            return pgd(self.model, x, y, self.eps, self.attack_steps, self.attack_step_size, self.attack_random_start)
+        if self.input_noise == "gaussian":
+            noise = torch.randn_like(x) * self.noise_std
+        else:
+            noise = torch.empty_like(x).uniform_(-self.eps, self.eps)
+        return (x + noise).clamp_(0.0, 1.0)
+
+    def penalty(self, grad: torch.Tensor) -> torch.Tensor:
+        """Per-image ``eps * ||c * grad||``."""
+        if self.channel_weights is not None:
+            if len(self.channel_weights) != grad.shape[1]:
+                raise UserError(f"channel_weights has {len(self.channel_weights)} entries for {grad.shape[1]}-channel "
+                                "images; give one weight per channel")
+            grad = grad * self.channel_weights.to(grad.device, grad.dtype).view(-1, 1, 1)
+        flat = grad.flatten(1)
+        return self.eps * (flat.abs().sum(1) if self.norm == "l1" else flat.norm(dim=1))
+
+    def weight(self, epoch_fraction: float) -> float:
+        return self.gn_weight * linear_warmup(epoch_fraction, self.warmup_epochs)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
+        x = self.perturb(x, y)
         logits, ce, grad = input_gradient(self.model, x, y, create_graph=True)
-        reg = self.eps * grad.abs().flatten(1).sum(1).mean()
-        weight = self.gn_weight * linear_warmup(epoch_fraction, self.warmup_epochs)
+        reg = self.penalty(grad).mean()
+        weight = self.weight(epoch_fraction)
         ce = ce.mean()
         loss = self.ce_weight * ce + weight * reg
         return {"loss": loss, "logits": logits, "ce": ce.item(), "reg": reg.item(), "gn_weight": weight}
+
+
+class GradNormFD(GradNorm):
+    """The same objective, its parameter gradient estimated by a finite difference: no double backprop.
+
+    With ``d_i = d penalty_i / d g_i`` held fixed (``eps * sign(g_i)`` for L1), the penalty's
+    parameter gradient is the derivative of ``grad_theta L_i`` along ``d_i``, which
+
+        (grad_theta L_i(x_i + t d_i) - grad_theta L_i(x_i)) / t,    t = fd_step / max_i ||d_i||_inf,
+
+    approximates with an error of order ``t`` (the loss's third derivatives); every image moves
+    by at most ``fd_step`` per pixel (default ``eps / 32``). The error grows with the model's
+    curvature: small for smooth (GradNorm-trained or freshly initialized) models, large for a
+    naturally trained one unless ``fd_step`` is small (docs/RESULTS.md). The second point is not
+    clipped to [0, 1]: it probes the function, it is not an image.
+
+    One step costs two forward and two backward passes, runs with any attention kernel, and keeps
+    one graph at a time. Both passes run in float32 even under autocast: at bf16's resolution
+    (about 0.004 near 1) a small step is lost in rounding. Dropout and drop-path draw the same
+    masks in both passes; BatchNorm in train mode sees (and counts in its running statistics) both
+    batches.
+    """
+
+    def __init__(self, model: nn.Module, eps: float, fd_step: float | None = None, **gradnorm_params):
+        super().__init__(model, eps, **gradnorm_params)
+        self.fd_step = eps / 32 if fd_step is None else fd_step
+        if self.fd_step <= 0:
+            raise UserError(f"fd_step={self.fd_step} must be positive (a finite-difference step in pixel units)")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
+        with torch.autocast(x.device.type, enabled=False):
+            return self._step(x, y, epoch_fraction)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float) -> dict:
+        x = self.perturb(x, y).detach()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        rng = _rng_state(x.device)
+        x1 = x.clone().requires_grad_(True)
+        logits = self.model(x1)
+        ce = per_sample_ce(logits, y)
+        grad, *param_grads = torch.autograd.grad(ce.sum(), [x1, *params], allow_unused=True)
+        with torch.enable_grad():
+            g = grad.detach().float().requires_grad_(True)
+            penalty = self.penalty(g)
+            (direction,) = torch.autograd.grad(penalty.sum(), g)
+        reg = penalty.detach().mean()
+        weight = self.weight(epoch_fraction)
+        n = len(x)
+        mean_ce = ce.detach().mean()
+        value = self.ce_weight * mean_ce + weight * reg
+        coef_x = self.ce_weight / n  # on grad_theta sum_i L_i(x), already computed
+        surrogate = torch.zeros((), device=x.device)
+        if weight > 0:
+            t = self.fd_step / direction.abs().amax().clamp_min(1e-30)
+            coef_x = coef_x - weight / (n * t)
+            _set_rng_state(x.device, rng)  # the same dropout masks as the first pass
+            x2 = (x + t * direction).to(x.dtype)
+            surrogate = per_sample_ce(self.model(x2), y).sum() * (weight / (n * t))
+        # a term linear in the parameters whose gradient is coef_x * grad_theta sum_i L_i(x)
+        for p, pg in zip(params, param_grads):
+            if pg is not None:
+                surrogate = surrogate + (p * (pg * coef_x).to(p.dtype)).sum()
+        loss = surrogate - surrogate.detach() + value
+        return {"loss": loss, "logits": logits.detach(), "ce": mean_ce.item(), "reg": reg.item(), "gn_weight": weight}
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

@@ -1,4 +1,5 @@
-"""PGD-k adversarial training (Madry et al. 2018), as in the paper's Appendix G: k=3, step 2*eps/k."""
+"""Adversarial training: PGD-k (Madry et al. 2018; Appendix G: k=3, step 2*eps/k) and FGSM with random
+initialization (Wong et al. 2020; the paper's Appendix B baseline)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from natgrad.attacks import pgd
+from natgrad.attacks.fgsm import STEP_RATIO
 from natgrad.losses import per_sample_ce
 from natgrad.objectives.base import Objective, linear_warmup
 
@@ -14,9 +16,9 @@ class PGDTraining(Objective):
     """Cross-entropy on PGD-k examples; the attack runs in eval mode and its step warms up linearly."""
 
     def __init__(self, model: nn.Module, eps: float, steps: int = 3, step_size: float | None = None,
-                 random_start: bool = False, warmup_epochs: float = 0.0):
+                 random_start: bool | None = False, warmup_epochs: float = 0.0):
         super().__init__(model)
-        self.eps, self.steps, self.random_start, self.warmup_epochs = eps, steps, random_start, warmup_epochs
+        self.eps, self.steps, self.random_start, self.warmup_epochs = eps, steps, bool(random_start), warmup_epochs
         self.step_size = 2 * eps / steps if step_size is None else step_size
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
@@ -25,3 +27,13 @@ class PGDTraining(Objective):
         logits = self.model(x_adv)
         ce = per_sample_ce(logits, y).mean()
         return {"loss": ce, "logits": logits, "ce": ce.item(), "attack_step": step}
+
+
+class FGSMTraining(PGDTraining):
+    """Cross-entropy on FGSM examples: uniform start in the eps-ball, one step of ``1.25 * eps``
+    (see :func:`natgrad.attacks.fgsm`)."""
+
+    def __init__(self, model: nn.Module, eps: float, step_size: float | None = None, random_start: bool | None = True,
+                 warmup_epochs: float = 0.0):
+        super().__init__(model, eps, steps=1, step_size=STEP_RATIO * eps if step_size is None else step_size,
+                         random_start=True if random_start is None else random_start, warmup_epochs=warmup_epochs)
