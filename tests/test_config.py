@@ -40,11 +40,15 @@ def test_overrides_and_fractions():
     cfg = config.load("fmnist-gradnorm", ["eps=4/255", "model.act=silu", "data.limit_train=100", "gradnorm.gn_weight=1.4"])
     assert cfg.eps == pytest.approx(4 / 255) and cfg.model.act == "silu"
     assert cfg.data.limit_train == 100 and cfg.gradnorm.gn_weight == 1.4
+    # a key's last part is enough where only one key ends with it (the paper's "gn_weight=1.4")
+    short = config.load("fmnist-gradnorm", ["gn_weight=1.4", "tau=0.3", "fd_step=0.01"])
+    assert (short.gradnorm.gn_weight, short.edge.tau, short.gradnorm.fd_step) == (1.4, 0.3, 0.01)
 
 
 @pytest.mark.parametrize("override,message", [
     ("epochz=3", "did you mean epochs"),
-    ("gn_weight=1.4", "did you mean gradnorm.gn_weight"),
+    ("gn_wieght=1.4", "did you mean gradnorm.gn_weight"),
+    ("warmup_epochs=1", "ambiguous; write one of optim.warmup_epochs, gradnorm.warmup_epochs, attack.warmup_epochs"),
     ("eps=-0.1", "outside [0, 1]"),
     ("eps=2", "outside [0, 1]"),
     ("epochs=0", "at least 1"),

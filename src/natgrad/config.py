@@ -237,12 +237,29 @@ def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
 
 def _unknown_key(key: str) -> UserError:
     keys = all_keys()
+    by_leaf: dict[str, list[str]] = {}
+    for k in keys:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    leaf = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
-    hint = leaf[0] if len(leaf) == 1 else (close[0] if close else None)
-    hint_text = f"; did you mean {hint}?" if hint else ""
+    if not close:  # the right name in the wrong section, or a typo of a name in some section
+        leaf = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.6)
+        close = by_leaf[leaf[0]][:1] if leaf else []
+    hint_text = f"; did you mean {close[0]}?" if close else ""
     sections = sorted({k.split(".")[0] for k in keys})
     return UserError(f"unknown config key {key!r}{hint_text} (keys: {', '.join(sections)}; `natgrad recipes --keys` lists all)")
+
+
+def resolve_key(key: str) -> str:
+    """The dotted key ``key`` names: itself, or the one key whose last part it is (``gn_weight`` -> ``gradnorm.gn_weight``)."""
+    keys = all_keys()
+    if key in keys:
+        return key
+    matches = [k for k in keys if k.rsplit(".", 1)[-1] == key]
+    if len(matches) > 1:
+        raise UserError(f"config key {key!r} is ambiguous; write one of {', '.join(matches)}")
+    if not matches:
+        raise _unknown_key(key)
+    return matches[0]
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -326,9 +343,7 @@ def load(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     data = _load_recipe_dict(recipe)
     for text in overrides or []:
         key, value = parse_override(text)
-        if key not in all_keys():
-            raise _unknown_key(key)
-        _set_dotted(data, key, value)
+        _set_dotted(data, resolve_key(key), value)
     cfg = from_dict(data)
     validate(cfg)
     return cfg
