@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
-from natgrad.errors import UserError, did_you_mean
+from natgrad.errors import UserError, check_choice, did_you_mean
+from natgrad.objectives.edge import COSINES, STUDENTS, TEACHERS
+from natgrad.objectives.gradnorm import NOISES, NORMS
 
 METHODS = ("natural", "gradnorm", "gradnorm-fd", "pgd", "fgsm", "edge")
 DATASETS = ("fashion-mnist", "cifar10", "imagenet", "synthetic")
@@ -377,19 +379,15 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{key}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
-
 
 def validate(cfg: RunConfig) -> None:
     """Range and choice checks that types alone cannot express."""
     flat = flatten(to_dict(cfg))
-    _choice("method", cfg.method, METHODS)
-    _choice("data.name", cfg.data.name, DATASETS)
-    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    _choice("optim.sched", cfg.optim.sched, ("cosine", "none"))
-    _choice("aug.mixup_mode", cfg.aug.mixup_mode, ("batch", "pair", "elem"))
+    check_choice("method", cfg.method, METHODS)
+    check_choice("data.name", cfg.data.name, DATASETS)
+    check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    check_choice("optim.sched", cfg.optim.sched, ("cosine", "none"))
+    check_choice("aug.mixup_mode", cfg.aug.mixup_mode, ("batch", "pair", "elem"))
     _check(0.0 <= cfg.eps <= 1.0, f"eps={cfg.eps} is outside [0, 1]; eps is in pixel units of [0, 1] images (e.g. eps=4/255)")
     _check(cfg.epochs >= 1, f"epochs={cfg.epochs} must be at least 1")
     _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be at least 1")
@@ -404,8 +402,8 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.gradnorm.ce_weight >= 0 and cfg.gradnorm.gn_weight >= 0, "gradnorm.ce_weight and gradnorm.gn_weight must be non-negative")
     _check(cfg.attack.steps >= 1, f"attack.steps={cfg.attack.steps} must be at least 1")
     _check(cfg.attack.step_size is None or cfg.attack.step_size > 0, "attack.step_size must be positive")
-    _choice("gradnorm.norm", cfg.gradnorm.norm, ("l1", "l2"))
-    _choice("gradnorm.input_noise", cfg.gradnorm.input_noise, ("none", "gaussian", "uniform", "pgd"))
+    check_choice("gradnorm.norm", cfg.gradnorm.norm, NORMS)
+    check_choice("gradnorm.input_noise", cfg.gradnorm.input_noise, NOISES)
     _check(cfg.gradnorm.noise_std is None or cfg.gradnorm.noise_std > 0, f"gradnorm.noise_std={cfg.gradnorm.noise_std} must be positive")
     _check(cfg.gradnorm.fd_step is None or cfg.gradnorm.fd_step > 0,
            f"gradnorm.fd_step={cfg.gradnorm.fd_step} must be positive (a finite-difference step in pixel units, e.g. 0.01)")
@@ -424,9 +422,9 @@ def validate(cfg: RunConfig) -> None:
     _check(e.sigma > 0, f"edge.sigma={e.sigma} must be positive (the Gaussian-derivative filter scale in pixels)")
     _check(e.weight >= 0 and e.weight_per_epoch >= 0, "edge.weight and edge.weight_per_epoch must be non-negative")
     _check(e.weight_max is None or e.weight_max >= e.weight, f"edge.weight_max={e.weight_max} must be at least edge.weight={e.weight}")
-    _choice("edge.student", e.student, ("class", "loss", "saliency"))
-    _choice("edge.teacher", e.teacher, ("energy", "magnitude"))
-    _choice("edge.cosine", e.cosine, ("per_image", "batch"))
+    check_choice("edge.student", e.student, STUDENTS)
+    check_choice("edge.teacher", e.teacher, TEACHERS)
+    check_choice("edge.cosine", e.cosine, COSINES)
     from natgrad.engine.checkpoint import (
         weights_file,  # lazily: the engine imports this module
     )

@@ -9,6 +9,12 @@ class NonFiniteLossError(UserError):
     """Training produced a non-finite loss; the last good checkpoint is kept."""
 
 
+def check_choice(name: str, value: str, choices) -> None:
+    """Raise a :class:`UserError` naming the choices (and the closest one) unless ``value`` is one of them."""
+    if value not in choices:
+        raise UserError(f"{name}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
+
+
 def did_you_mean(value: str, choices) -> str:
     """`` (did you mean X?)`` for the closest of ``choices``, or an empty string."""
     import difflib

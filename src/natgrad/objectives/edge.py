@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from natgrad.analysis.edges import edge_map
-from natgrad.errors import UserError, did_you_mean
+from natgrad.errors import UserError, check_choice
 from natgrad.losses import per_sample_ce
 from natgrad.objectives.base import Objective
 from natgrad.objectives.gradnorm import input_gradient
@@ -45,11 +45,6 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mode: str = "per_i
     return (1 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"edge {name}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
-
-
 class EdgeRegularization(Objective):
     """Align input gradients with image edges."""
 
@@ -58,12 +53,12 @@ class EdgeRegularization(Objective):
                  cosine: str = "per_image"):
         super().__init__(model)
         if tau <= 0:
-            raise UserError(f"edge tau={tau} must be positive (a softmax temperature, the paper uses 0.5)")
+            raise UserError(f"edge.tau={tau} must be positive (a softmax temperature, the paper uses 0.5)")
         if sigma <= 0:
-            raise UserError(f"edge sigma={sigma} must be positive (the Gaussian-derivative filter scale in pixels)")
-        _choice("student", student, STUDENTS)
-        _choice("teacher", teacher, TEACHERS)
-        _choice("cosine", cosine, COSINES)
+            raise UserError(f"edge.sigma={sigma} must be positive (the Gaussian-derivative filter scale in pixels)")
+        check_choice("edge.student", student, STUDENTS)
+        check_choice("edge.teacher", teacher, TEACHERS)
+        check_choice("edge.cosine", cosine, COSINES)
         self.weight, self.weight_per_epoch, self.weight_max = weight, weight_per_epoch, weight_max
         self.tau, self.sigma, self.student, self.teacher, self.cosine = tau, sigma, student, teacher, cosine
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from natgrad.attacks import pgd
-from natgrad.errors import UserError, did_you_mean
+from natgrad.errors import UserError, check_choice
 from natgrad.losses import per_sample_ce
 from natgrad.objectives.base import Objective, linear_warmup
 
@@ -45,11 +45,6 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, cr
     return logits, values, grad
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{name}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
-
-
 class GradNorm(Objective):
     """Penalize the norm of the loss-input gradient, by double backprop."""
 
@@ -58,8 +53,8 @@ class GradNorm(Objective):
                  input_noise: str = "none", noise_std: float | None = None, attack_steps: int = 3,
                  attack_step_size: float | None = None, attack_random_start: bool | None = False):
         super().__init__(model)
-        _choice("norm", norm, NORMS)
-        _choice("input_noise", input_noise, NOISES)
+        check_choice("gradnorm.norm", norm, NORMS)
+        check_choice("gradnorm.input_noise", input_noise, NOISES)
         self.eps, self.ce_weight, self.gn_weight, self.warmup_epochs = eps, ce_weight, gn_weight, warmup_epochs
         self.norm, self.input_noise = norm, input_noise
         self.channel_weights = None if channel_weights is None else torch.tensor(list(channel_weights), dtype=torch.float32)
