@@ -97,3 +97,91 @@ def test_fgsm_training_uses_fgsm_examples():
     x_adv = fgsm(model, x, y, 8 / 255)
     assert out["ce"] == pytest.approx(F.cross_entropy(model(x_adv), y).item(), abs=1e-5)
     assert out["ce"] > F.cross_entropy(model(x), y).item()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return models.create("cnn-small", 10, in_chans=1).eval()
+
+
+def _batch(n=16):
+    torch.manual_seed(3)
+    x, y = torch.rand(n, 1, 28, 28), torch.randint(0, 10, (n,))
+    x[0], x[1] = 0.0, 1.0
+    return x, y
+
+
+def test_l2_direction_stays_in_ball_and_box_and_raises_loss():
+    model = _tiny()
+    x, y = _batch()
+    eps = 0.1
+    x_adv = pgd(model, x, y, eps, steps=5, direction="l2")
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+
+
+def test_l2_direction_one_step_matches_an_independent_computation():
+    model = _tiny()
+    x, y = _batch()
+    eps, step = 0.1, 0.03
+    torch.manual_seed(7)
+    x_adv = pgd(model, x, y, eps, steps=1, step_size=step, direction="l2")
+    torch.manual_seed(7)
+    start = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(start), y, reduction="sum"), start)
+    g_norm = g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    moved = start.detach() + step * (28 * 28) ** 0.5 * g / g_norm
+    expected = torch.minimum(torch.maximum(moved, x - eps), x + eps).clamp(0, 1)
+    torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-7)
+
+
+def _strength(model, x_adv, y):
+    with torch.no_grad():
+        logits = model(x_adv)
+    return F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) != y
+
+
+def test_restarts_are_at_least_as_strong_per_image_and_stay_in_ball_and_box():
+    model = _tiny()
+    x, y = _batch()
+    eps = 0.1
+    for keep_best in (False, True):
+        torch.manual_seed(1)
+        one = pgd(model, x, y, eps, steps=3, keep_best=keep_best)
+        torch.manual_seed(1)  # the same first start
+        three = pgd(model, x, y, eps, steps=3, keep_best=keep_best, restarts=3)
+        assert (three - x).abs().max() <= eps + 1e-6
+        assert three.min() >= 0 and three.max() <= 1
+        l_one, wrong_one = _strength(model, one, y)
+        l_three, wrong_three = _strength(model, three, y)
+        assert (wrong_three | ~wrong_one).all(), "an image fooled by one run stays fooled"
+        assert ((l_three >= l_one - 1e-5) | wrong_three).all()
+
+
+def test_restarts_pick_the_strongest_start_per_image():
+    model = _tiny()
+    x, y = _batch()
+    eps = 0.1
+    torch.manual_seed(4)
+    picked = pgd(model, x, y, eps, steps=0, restarts=3)
+    torch.manual_seed(4)
+    starts = torch.stack([(x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) for _ in range(3)])
+    losses, wrong = zip(*(_strength(model, s, y) for s in starts))
+    losses, wrong = torch.stack(losses), torch.stack(wrong)
+    # misclassified first, then highest loss; ties go to the earliest start
+    best = (wrong * (losses.max() - losses.min() + 1) + losses).argmax(0)
+    assert not torch.equal(best, torch.zeros_like(best)), "some image should prefer a later start"
+    assert torch.equal(picked, starts[best, torch.arange(len(x))])
+
+
+def test_bad_direction_or_restarts_is_a_user_error():
+    from natgrad.errors import UserError
+
+    model = _tiny()
+    x, y = _batch(2)
+    with pytest.raises(UserError, match="sign, l2"):
+        pgd(model, x, y, 0.1, steps=1, direction="l1")
+    with pytest.raises(UserError, match="restarts"):
+        pgd(model, x, y, 0.1, steps=1, restarts=0)

@@ -30,6 +30,70 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from natgrad.data import info
+    from natgrad.engine import checkpoint as ckpt
+    from natgrad.engine import robustness as rb
+    from natgrad.engine.distributed import setup
+
+    attacks = rb.parse_attacks(args.attacks)
+    eps = rb.parse_eps(args.eps) if args.eps else None
+    steps = _int_list(args.pgd_steps, "--pgd-steps")
+    if args.n is not None and args.n < 1:
+        raise UserError(f"--n {args.n} must be at least 1")
+    ctx = setup(args.device)
+    loaded = rb.load_model(args.source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
+    cfg = loaded.cfg
+    ds = rb.test_set(cfg, args.n)
+    source = None
+    if args.transfer_source:
+        src = rb.load_model(args.transfer_source, args.recipe, None, ctx.device)
+        if (info(src.cfg.data).in_chans, info(src.cfg.data).image_size) != (info(cfg.data).in_chans, info(cfg.data).image_size):
+            raise UserError(f"--source {args.transfer_source} takes {info(src.cfg.data).in_chans}-channel "
+                            f"{info(src.cfg.data).image_size}px images, this model {info(cfg.data).in_chans}-channel "
+                            f"{info(cfg.data).image_size}px; give a source model with the same input shape")
+        source = src.model
+    aa_attacks = [a.strip() for a in args.aa_attacks.split(",")] if args.aa_attacks else None
+    settings = rb.EvalSettings(attacks=attacks, eps=eps or [cfg.eps], pgd_steps=tuple(steps), restarts=args.restarts,
+                               batch_size=args.batch_size, seed=args.seed, aa_attacks=aa_attacks, source=source,
+                               progress=not args.quiet)
+    out = rb.evaluate_model(loaded.model, ds, settings, ctx)
+    report = {"model": loaded.name, "weights": str(loaded.weights), "architecture": cfg.model.name, "method": cfg.method,
+              "dataset": cfg.data.name, "n": len(ds), "world_size": ctx.world, **out}
+    if args.sanity:
+        report["sanity"] = rb.sanity_checks(loaded.model, ds, settings, ctx, info(cfg.data).num_classes)
+    if not ctx.is_main:
+        return 0
+    print(rb.format_table(out["results"]))
+    if "sanity" in report:
+        print(rb.format_sanity(report["sanity"]))
+    plots = Path(args.plots) if args.plots else (Path(args.source) if Path(args.source).is_dir() else Path("."))
+    for kind, sweep in out["sweeps"].items():
+        path = plots / f"{kind}-sweep.png"
+        plots.mkdir(parents=True, exist_ok=True)
+        rb.plot_sweep(sweep, kind, path, f"{loaded.name} ({cfg.method}, n={sweep['n']})")
+        print(f"natgrad: {kind} sweep figure {path}")
+    if args.json:
+        ckpt.atomic_write_text(Path(args.json), json.dumps(report, indent=2))
+        print(f"natgrad: results in {args.json}")
+    if args.robustbench_json:
+        info_json = rb.robustbench_info(loaded.name, cfg, out["results"])
+        ckpt.atomic_write_text(Path(args.robustbench_json), json.dumps(info_json, indent=2))
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r} must be a comma-separated list of integers, e.g. 10,100") from None
+    if any(v < 1 for v in values):
+        raise UserError(f"{flag} values must be at least 1")
+    return values
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     if args.keys:
         defaults = config.flatten(config.to_dict(config.RunConfig()))
@@ -53,6 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     t.set_defaults(func=_cmd_train)
+    e = sub.add_parser("eval", help="robust accuracy of a trained model", description=(
+        "Evaluate RUN_DIR (or a .safetensors file with --recipe) with the attacks in --attacks at every eps in --eps."))
+    e.add_argument("source", metavar="RUN_DIR")
+    e.add_argument("--recipe", help="the recipe a .safetensors file was trained with")
+    e.add_argument("--model", help="override the model name of the recipe")
+    e.add_argument("--attacks", default="clean,pgd,autoattack",
+                   help="comma-separated: clean, pgd, pgd-l2dir, autoattack, autoattack-plus, autoattack-custom, transfer, "
+                        "eps-sweep, steps-sweep (default clean,pgd,autoattack)")
+    e.add_argument("--eps", help="comma-separated eps in pixel units, e.g. 1/255,2/255,4/255 (default: the recipe's)")
+    e.add_argument("--n", "--num-images", dest="n", type=int,
+                   help="a fixed seeded subset of this many test images (default: all); under torchrun write --num-images, "
+                        "since torchrun takes --n for its own --nnodes")
+    e.add_argument("--pgd-steps", default="10,100", help="PGD step counts (default 10,100; step eps/4)")
+    e.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
+    e.add_argument("--aa-attacks", help="autoattack-custom's attacks, e.g. apgd-ce,square")
+    e.add_argument("--source", dest="transfer_source", help="transfer: the run folder the examples are made on")
+    e.add_argument("--sanity", action="store_true", help="also run Appendix C's sanity checks")
+    e.add_argument("--json", help="write the results here")
+    e.add_argument("--robustbench-json", help="write RobustBench's model_info JSON here")
+    e.add_argument("--plots", help="folder for sweep figures (default: the run folder)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--no-ema", action="store_true", help="use model.safetensors even where EMA weights exist")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_eval)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--keys", action="store_true", help="list every config key with its default instead")
     r.set_defaults(func=_cmd_recipes)

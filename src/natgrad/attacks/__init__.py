@@ -1,6 +1,7 @@
 """Adversarial attacks. Each runs the model in eval mode, restores its mode, and leaves no parameter gradients."""
 
+from natgrad.attacks.autoattack import autoattack
 from natgrad.attacks.fgsm import fgsm
 from natgrad.attacks.pgd import eval_mode, pgd
 
-__all__ = ["eval_mode", "fgsm", "pgd"]
+__all__ = ["autoattack", "eval_mode", "fgsm", "pgd"]

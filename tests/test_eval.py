@@ -1,0 +1,140 @@
+"""natgrad eval: attacks, sweeps, sanity checks, sharding, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+from torch import nn
+
+from natgrad.engine import robustness as rb
+from natgrad.engine.distributed import Context
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An undefended cnn-small trained for one epoch on synthetic images."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    assert run_cli(["train", "fmnist-natural", *TINY, "epochs=2", "--out", str(out), "--quiet"])[0] == 0
+    return out
+
+
+def _eval(run, tmp_path, *args):
+    path = tmp_path / "eval.json"
+    code = run_cli(["eval", str(run), "--n", "50", "--batch-size", "16", "--quiet", "--json", str(path), *args])[0]
+    assert code == 0
+    return json.loads(path.read_text())
+
+
+def _acc(report, attack, eps=None):
+    return next(r["robust_acc"] for r in report["results"] if r["attack"] == attack and (eps is None or r["eps"] == eps))
+
+
+def test_attack_ordering_and_eps_zero(trained, tmp_path):
+    zero = _eval(trained, tmp_path, "--attacks", "clean,pgd", "--eps", "0", "--pgd-steps", "10")
+    assert _acc(zero, "pgd-10", 0.0) == _acc(zero, "clean")
+    # APGD-CE then APGD-T stand in for the full standard AutoAttack, which is too slow for the suite
+    report = _eval(trained, tmp_path, "--attacks", "clean,pgd,pgd-l2dir,autoattack-custom", "--eps", "0.3",
+                   "--aa-attacks", "apgd-ce,apgd-t")
+    assert report["n"] == 50 and all(r["n"] == 50 for r in report["results"])
+    clean = _acc(report, "clean")
+    aa, p100, p10 = _acc(report, "autoattack-custom"), _acc(report, "pgd-100"), _acc(report, "pgd-10")
+    assert aa <= p100 <= p10 <= clean
+    assert p10 < clean, "the attack must do something at this eps"
+    assert _acc(report, "pgd-l2dir-100") >= p100
+    row = next(r for r in report["results"] if r["attack"] == "autoattack-custom")
+    per = [p["robust_acc"] for p in row["per_attack"]]
+    assert per == sorted(per, reverse=True) and per[-1] == pytest.approx(aa)
+
+
+def test_eps_sweep_falls_to_chance_and_draws_a_figure(trained, tmp_path):
+    report = _eval(trained, tmp_path, "--attacks", "eps-sweep", "--pgd-steps", "10", "--plots", str(tmp_path))
+    sweep = report["sweeps"]["eps"]
+    accs = sweep["robust_acc"]
+    assert sweep["eps"][0] == 0 and sweep["eps"][-1] == pytest.approx(0.8)  # 0..32/255 scaled by 0.1 / (4/255)
+    assert all(b <= a for a, b in zip(accs, accs[1:])), accs
+    assert accs[-1] <= 1 / 10
+    assert (tmp_path / "eps-sweep.png").stat().st_size > 1000
+
+
+def test_two_processes_give_the_counts_of_one(trained, tmp_path):
+    args = ["eval", str(trained), "--num-images", "51", "--batch-size", "16", "--attacks", "clean,pgd", "--pgd-steps", "5",
+            "--device", "cpu", "--quiet"]
+    assert run_cli([*args, "--json", str(tmp_path / "one.json")])[0] == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "natgrad", *args, "--json", str(tmp_path / "two.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert two["world_size"] == 2
+    assert one["results"] == two["results"]
+
+
+class _Probe(nn.Module):
+    """Records the training flag it saw; optionally keeps dropout on in eval mode."""
+
+    def __init__(self, dropout_always: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+        self.dropout_always = dropout_always
+
+    def forward(self, x):
+        h = x.flatten(1)
+        if self.dropout_always:
+            h = nn.functional.dropout(h, 0.5, training=True)
+        return self.fc(h)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n=24):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.rand(n, 1, 4, 4, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_every_attack_restores_the_train_mode(mode):
+    model = _Probe().train(mode)
+    settings = rb.EvalSettings(attacks=["clean", "pgd", "pgd-l2dir", "autoattack-custom", "transfer", "steps-sweep"],
+                               eps=[0.1], source=_Probe(),
+                               pgd_steps=(2,), batch_size=8, aa_attacks=["apgd-ce"], sweep_steps=(1, 2), progress=False)
+    rb.evaluate_model(model, _Images(), settings, Context(0, 1, torch.device("cpu")))
+    assert model.training is mode
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_randomness_check_flags_dropout_left_on():
+    ctx = Context(0, 1, torch.device("cpu"))
+    settings = rb.EvalSettings(attacks=[], eps=[0.1], pgd_steps=(2,), batch_size=8, progress=False)
+    checks = rb.sanity_checks(_Probe(dropout_always=True), _Images(), settings, ctx, num_classes=4, only=["deterministic"])
+    assert checks[0]["status"] == "WARN" and "randomness" in checks[0]["detail"]
+    assert rb.sanity_checks(_Probe(), _Images(), settings, ctx, 4, only=["deterministic"])[0]["status"] == "PASS"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--attacks", "pgd,fab"], "unknown attack 'fab'"),
+    (["--eps", "2"], "outside [0, 1]"),
+    (["--eps", "four"], "not a number"),
+    (["--n", "100000"], "outside 1..64"),
+])
+def test_bad_eval_input(trained, capsys, args, message):
+    code, err = run_cli(["eval", str(trained), "--quiet", *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_mismatched_checkpoint_and_transfer_source(trained, tmp_path, capsys):
+    code, err = run_cli(["eval", str(trained / "model.safetensors"), "--recipe", "cifar10-prn18-natural"], capsys)
+    assert code == 2 and "does not fit this model" in err
+    other = tmp_path / "rgb"
+    assert run_cli(["train", "fmnist-natural", *TINY, "data.channels=3", "epochs=1", "--out", str(other), "--quiet"])[0] == 0
+    code, err = run_cli(["eval", str(trained), "--attacks", "transfer", "--source", str(other), "--quiet"], capsys)
+    assert code == 2 and "same input shape" in err
