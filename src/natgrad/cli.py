@@ -46,7 +46,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     ctx = setup(args.device)
     loaded = rb.load_model(args.source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
     cfg = loaded.cfg
-    ds = rb.test_set(cfg, args.n)
+    ds = rb.eval_dataset(cfg, args.n)
     source = None
     if args.transfer_source:
         src = rb.load_model(args.transfer_source, args.recipe, None, ctx.device)

@@ -264,6 +264,14 @@ def resolve_key(key: str) -> str:
     return matches[0]
 
 
+def parse_number(text: str) -> float | None:
+    """``"0.1"`` or a fraction such as ``"4/255"`` as a float; None when it is neither."""
+    try:
+        return float(fractions.Fraction(str(text).replace(" ", "")))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check ``value`` against the annotated type, converting where that is unambiguous."""
     origin = typing.get_origin(typ)
@@ -285,10 +293,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
-            try:  # fractions such as 4/255
-                return float(fractions.Fraction(value.replace(" ", "")))
-            except (ValueError, ZeroDivisionError):
-                pass
+            parsed = parse_number(value)
+            if parsed is not None:
+                return parsed
     elif typ is str:
         if isinstance(value, str):
             return value

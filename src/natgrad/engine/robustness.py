@@ -70,7 +70,7 @@ def load_model(source: str | Path, recipe: str | None = None, model_name: str | 
     return LoadedModel(cfg, model.to(device).eval(), weights, name)
 
 
-def test_set(cfg: RunConfig, n: int | None) -> Dataset:
+def eval_dataset(cfg: RunConfig, n: int | None) -> Dataset:
     """The recipe's test set, or a fixed seeded subset of ``n`` images (the one training evaluates on)."""
     full = data.build(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit_eval=None)), "test")
     if n is not None:
@@ -90,14 +90,11 @@ def parse_attacks(names: str | list[str]) -> list[str]:
 
 def parse_eps(text: str | list[float]) -> list[float]:
     """``"1/255,2/255,4/255"`` -> floats in [0, 1]."""
-    import fractions
-
     values = []
     for part in text.split(",") if isinstance(text, str) else text:
-        try:
-            v = float(fractions.Fraction(str(part).strip()))
-        except (ValueError, ZeroDivisionError):
-            raise UserError(f"--eps value {part!r} is not a number; write e.g. 0.1 or 4/255") from None
+        v = config_mod.parse_number(part)
+        if v is None:
+            raise UserError(f"--eps value {part!r} is not a number; write e.g. 0.1 or 4/255")
         if not 0.0 <= v <= 1.0:
             raise UserError(f"--eps value {part} is outside [0, 1]; eps is in pixel units of [0, 1] images")
         values.append(v)
