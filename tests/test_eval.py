@@ -125,6 +125,7 @@ def test_randomness_check_flags_dropout_left_on():
     (["--eps", "2"], "outside [0, 1]"),
     (["--eps", "four"], "not a number"),
     (["--n", "100000"], "outside 1..64"),
+    (["--square-queries", "0"], "must be at least 1"),
 ])
 def test_bad_eval_input(trained, capsys, args, message):
     code, err = run_cli(["eval", str(trained), "--quiet", *args], capsys)
@@ -138,3 +139,63 @@ def test_mismatched_checkpoint_and_transfer_source(trained, tmp_path, capsys):
     assert run_cli(["train", "fmnist-natural", *TINY, "data.channels=3", "epochs=1", "--out", str(other), "--quiet"])[0] == 0
     code, err = run_cli(["eval", str(trained), "--attacks", "transfer", "--source", str(other), "--quiet"], capsys)
     assert code == 2 and "same input shape" in err
+
+
+def test_sanity_report_reuses_the_evaluation_and_exports_robustbench(trained, tmp_path, monkeypatch):
+    import natgrad.engine.robustness as robustness
+    from natgrad import config
+
+    calls = []
+    real = robustness.evaluate_model
+    monkeypatch.setattr(robustness, "evaluate_model", lambda m, d, s, c: calls.append(list(s.attacks)) or real(m, d, s, c))
+    # eps 0.3: APGD-CE fools every image, so the rest of AutoAttack has nothing left to attack (fast)
+    report = _eval(trained, tmp_path, "--attacks", "clean,pgd,autoattack", "--eps", "0.3", "--pgd-steps", "5",
+                   "--sanity", "--source", str(trained), "--square-queries", "100")
+    checks = {c["check"]: c for c in report["sanity"]}
+    assert list(checks) == list(rb.SANITY_CHECKS)
+    assert all(c["status"] in ("PASS", "WARN") for c in checks.values())
+    assert checks["deterministic"]["status"] == "PASS"
+    assert checks["large eps reaches chance"]["status"] == "PASS"  # an undefended model at eps 1
+    more = checks["more iterations"]["numbers"]
+    assert more["pgd-5"] == _acc(report, "pgd-5")  # reused, not attacked again
+    assert more["change_points"] == pytest.approx(100 * abs(more["pgd-5"] - more["pgd-10"]))
+    assert checks["black-box weaker"]["numbers"]["autoattack"] == _acc(report, "autoattack")
+    assert ["autoattack"] not in calls[1:], "the sanity checks ran AutoAttack a second time"
+    cfg = config.load("fmnist-natural")
+    cfg.eps = 0.3
+    exported = rb.robustbench_info("tiny", cfg, report["results"])
+    assert exported["clean_acc"] == f"{100 * _acc(report, 'clean'):.2f}"
+    assert exported["autoattack_acc"] == f"{100 * _acc(report, 'autoattack'):.2f}"
+    assert exported["threat_model"] == "Linf" and exported["eps"] == f"{0.3 * 255:.4g}/255"
+
+
+def test_robustbench_json_without_autoattack_fails_before_attacking(trained, tmp_path, capsys):
+    code, err = run_cli(["eval", str(trained), "--attacks", "clean,pgd", "--robustbench-json", str(tmp_path / "rb.json"),
+                         "--quiet"], capsys)
+    assert code == 2 and "needs the clean and autoattack results" in err and not (tmp_path / "rb.json").exists()
+
+
+def test_autoattack_plus_runs_its_attacks_in_order(trained, tmp_path):
+    from natgrad.attacks.autoattack import attack_names
+
+    report = _eval(trained, tmp_path, "--attacks", "clean,pgd,autoattack-plus", "--eps", "0.3", "--pgd-steps", "10",
+                   "--square-queries", "100")
+    row = next(r for r in report["results"] if r["attack"] == "autoattack-plus")
+    assert row["version"] == "plus"
+    assert [p["attack"] for p in row["per_attack"]] == attack_names("plus")
+    assert row["robust_acc"] <= _acc(report, "pgd-10") <= _acc(report, "clean")
+
+
+def test_autoattack_resumes_from_its_state_folder(trained, tmp_path, monkeypatch):
+    from pyautoattack import AutoAttack
+
+    args = ("--attacks", "autoattack-custom", "--aa-attacks", "apgd-ce,square", "--square-queries", "100", "--eps", "0.3",
+            "--aa-state", str(tmp_path / "state"))
+    first = _eval(trained, tmp_path, *args)
+    assert len(list((tmp_path / "state").glob("*.pt"))) == 4  # 50 images in batches of 16
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished evaluation was attacked again")
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", refuse)
+    assert _eval(trained, tmp_path, *args)["results"] == first["results"]

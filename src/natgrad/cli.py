@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from natgrad import config
+from natgrad.analysis.analyze import ANALYSES
 from natgrad.errors import UserError
 
 
@@ -43,6 +44,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     steps = _int_list(args.pgd_steps, "--pgd-steps")
     if args.n is not None and args.n < 1:
         raise UserError(f"--n {args.n} must be at least 1")
+    if args.square_queries is not None and args.square_queries < 1:
+        raise UserError(f"--square-queries {args.square_queries} must be at least 1")
     ctx = setup(args.device)
     loaded = rb.load_model(args.source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
     cfg = loaded.cfg
@@ -58,12 +61,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     aa_attacks = [a.strip() for a in args.aa_attacks.split(",")] if args.aa_attacks else None
     settings = rb.EvalSettings(attacks=attacks, eps=eps or [cfg.eps], pgd_steps=tuple(steps), restarts=args.restarts,
                                batch_size=args.batch_size, seed=args.seed, aa_attacks=aa_attacks, source=source,
-                               progress=not args.quiet)
+                               progress=not args.quiet, state_dir=Path(args.aa_state) if args.aa_state else None,
+                               square_queries=args.square_queries)
+    if args.robustbench_json:
+        rb.check_robustbench(cfg, settings)
     out = rb.evaluate_model(loaded.model, ds, settings, ctx)
     report = {"model": loaded.name, "weights": str(loaded.weights), "architecture": cfg.model.name, "method": cfg.method,
               "dataset": cfg.data.name, "n": len(ds), "world_size": ctx.world, **out}
     if args.sanity:
-        report["sanity"] = rb.sanity_checks(loaded.model, ds, settings, ctx, info(cfg.data).num_classes)
+        report["sanity"] = rb.sanity_checks(loaded.model, ds, settings, ctx, info(cfg.data).num_classes,
+                                            done=out["results"])
     if not ctx.is_main:
         return 0
     print(rb.format_table(out["results"]))
@@ -75,13 +82,67 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         plots.mkdir(parents=True, exist_ok=True)
         rb.plot_sweep(sweep, kind, path, f"{loaded.name} ({cfg.method}, n={sweep['n']})")
         print(f"natgrad: {kind} sweep figure {path}")
-    if args.json:
-        ckpt.atomic_write_text(Path(args.json), json.dumps(report, indent=2))
-        print(f"natgrad: results in {args.json}")
+    json_path = Path(args.json) if args.json else (Path(args.source) / "eval.json" if Path(args.source).is_dir() else None)
+    if json_path is not None:
+        ckpt.atomic_write_text(json_path, json.dumps(report, indent=2))
+        print(f"natgrad: results in {json_path}")
     if args.robustbench_json:
         info_json = rb.robustbench_info(loaded.name, cfg, out["results"])
         ckpt.atomic_write_text(Path(args.robustbench_json), json.dumps(info_json, indent=2))
     return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from natgrad.analysis.analyze import AnalysisSettings, analyze, check_out, parse_analyses, write_analysis
+    from natgrad.engine import robustness as rb
+    from natgrad.engine.distributed import setup
+
+    analyses = parse_analyses(args.analyses)
+    if args.n < 1:
+        raise UserError(f"--n {args.n} must be at least 1")
+    for flag, value in (("--power-iterations", args.power_iterations), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} {value} must be at least 1")
+    eps = rb.parse_eps(args.eps) if args.eps else None
+    if eps is not None and len(eps) != 1:
+        raise UserError("analyze takes one --eps value")
+    ctx = setup(args.device)
+    loaded = rb.load_model(args.source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
+    ds = rb.eval_dataset(loaded.cfg, args.n)
+    out = Path(args.out) if args.out else (Path(args.source) / "analysis" if Path(args.source).is_dir()
+                                           else Path(f"analysis-{loaded.name}"))
+    check_out(out)
+    settings = AnalysisSettings(eps=eps[0] if eps else loaded.cfg.eps, analyses=analyses, batch_size=args.batch_size,
+                                power_iterations=args.power_iterations, seed=args.seed, progress=not args.quiet)
+    summary, arrays = analyze(loaded.model, ds, settings, ctx.device)
+    summary = {"model": loaded.name, "method": loaded.cfg.method, "architecture": loaded.cfg.model.name,
+               "dataset": loaded.cfg.data.name, **summary}
+    path = write_analysis(summary, arrays, out)
+    print(_analysis_table(summary))
+    print(f"natgrad: analysis in {path}")
+    return 0
+
+
+def _analysis_table(summary: dict) -> str:
+    """The headline numbers of each analysis, one per line."""
+    lines = []
+    if g := summary.get("gradients"):
+        lines.append(f"gradients   E[L1] {g['l1_mean']:.4g}  (PGD-{g['pgd_steps']} fails {g['l1_mean_attack_fails']:.4g}, "
+                     f"succeeds {g['l1_mean_attack_succeeds']:.4g}; clean {100 * g['clean_acc']:.2f}%, "
+                     f"PGD {100 * g['pgd_acc']:.2f}%)")
+    if e := summary.get("edges"):
+        lines.append(f"edges       corr saliency {e['saliency_corr_mean']:+.4f} ± {e['saliency_corr_std']:.4f}, "
+                     f"|grad L| {e['loss_grad_corr_mean']:+.4f} ± {e['loss_grad_corr_std']:.4f}")
+    if g := summary.get("geometry"):
+        lines.append(f"geometry    ||grad||2 {g['grad_l2_mean']:.4g} ± {g['grad_l2_std']:.4g}, ||H||2 "
+                     f"{g['hessian_norm_mean']:.4g} ± {g['hessian_norm_std']:.4g}, C {g['curvature_mean']:.4g} ± "
+                     f"{g['curvature_std']:.4g}")
+    if li := summary.get("linearity"):
+        lines.append(f"linearity   error {li['error_mean']:.4g} ± {li['error_std']:.4g}, log10 "
+                     f"{li['log10_mean']:.3f} ± {li['log10_std']:.3f}")
+    if al := summary.get("along_attack"):
+        lines.append(f"along       loss {al['loss'][0]:.4g} -> {al['loss'][-1]:.4g} at t={al['t'][-1]:g}")
+    return "\n".join(lines)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -92,6 +153,14 @@ def _int_list(text: str, flag: str) -> list[int]:
     if any(v < 1 for v in values):
         raise UserError(f"{flag} values must be at least 1")
     return values
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from natgrad.report import write_report
+
+    out = write_report([Path(p) for p in args.run_dirs], Path(args.out))
+    print(f"natgrad: report {out}")
+    return 0
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
@@ -132,9 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pgd-steps", default="10,100", help="PGD step counts (default 10,100; step eps/4)")
     e.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
     e.add_argument("--aa-attacks", help="autoattack-custom's attacks, e.g. apgd-ce,square")
+    e.add_argument("--square-queries", type=int, help="Square's query budget (default AutoAttack's 5000)")
+    e.add_argument("--aa-state", metavar="DIR", help="AutoAttack saves its progress in DIR after each attack and batch; "
+                   "rerunning the same command resumes from it")
     e.add_argument("--source", dest="transfer_source", help="transfer: the run folder the examples are made on")
     e.add_argument("--sanity", action="store_true", help="also run Appendix C's sanity checks")
-    e.add_argument("--json", help="write the results here")
+    e.add_argument("--json", help="write the results here (default: RUN_DIR/eval.json for a run folder)")
     e.add_argument("--robustbench-json", help="write RobustBench's model_info JSON here")
     e.add_argument("--plots", help="folder for sweep figures (default: the run folder)")
     e.add_argument("--batch-size", type=int, default=256)
@@ -143,9 +215,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ema", action="store_true", help="use model.safetensors even where EMA weights exist")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_eval)
+    a = sub.add_parser("analyze", help="the paper's gradient analyses of a trained model, with figures", description=(
+        "Gradient norms conditioned on PGD-10 (Table 1), channels, edge correlation (Table 5), curvature (Table 6), "
+        "local linearity (Table 7), statistics along the attack (Figure 11) and pictures; writes analysis.json "
+        "and one PNG per figure."))
+    a.add_argument("source", metavar="RUN_DIR", help="a run folder, or a .safetensors file with --recipe")
+    a.add_argument("--recipe", help="the recipe a .safetensors file was trained with")
+    a.add_argument("--model", help="override the recipe's model name")
+    a.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
+                   help="test images (a fixed seeded subset; default 1000)")
+    a.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
+    a.add_argument("--analyses", default=",".join(ANALYSES), help=f"any of {','.join(ANALYSES)} (default all)")
+    a.add_argument("--eps", help="attack and linearity radius (default the recipe's eps); accepts 4/255")
+    a.add_argument("--power-iterations", type=int, default=20, help="Hessian power iterations (default 20)")
+    a.add_argument("--batch-size", type=int, default=128)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    a.add_argument("--no-ema", action="store_true", help="use model.safetensors even where EMA weights exist")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=_cmd_analyze)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.add_argument("--keys", action="store_true", help="list every config key with its default instead")
     r.set_defaults(func=_cmd_recipes)
+    p = sub.add_parser("report", help="compare run folders in one HTML file", description=(
+        "Lay the run folders side by side: training curves, eval.json's robust accuracy and the paper's analysis "
+        "tables from analysis/analysis.json, in one self-contained HTML file."))
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run folders written by `natgrad train`")
+    p.add_argument("--out", metavar="FILE", default="report.html", help="the HTML file to write (default report.html)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

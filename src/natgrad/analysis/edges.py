@@ -54,3 +54,29 @@ def edge_map(x: torch.Tensor, sigma: float = 1.0, kind: str = "energy") -> torch
     if kind == "magnitude":
         return energy.sqrt()
     raise ValueError(f"edge kind {kind!r} is not one of energy, magnitude")
+
+
+def sobel_filters(dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3x3 Sobel filters ``(g_u, g_v)`` (horizontal and vertical derivatives), unnormalized."""
+    g_u = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=dtype, device=device)
+    return g_u, g_u.t().contiguous()
+
+
+@torch.no_grad()
+def sobel_energy(x: torch.Tensor) -> torch.Tensor:
+    """Oriented energy with Sobel filters, summed over channels: (N, H, W), as Table 5 measures edges."""
+    g_u, g_v = sobel_filters(x.dtype, x.device)
+    return (_filter(x, g_u) ** 2 + _filter(x, g_v) ** 2).sum(1)
+
+
+def log_correlation(a: torch.Tensor, b: torch.Tensor, floor_a: float = 1e-30, floor_b: float = 1e-3) -> torch.Tensor:
+    """Per image, the Pearson correlation of ``log a`` and ``log b`` over pixels.
+
+    ``a`` and ``b`` are non-negative maps of the same shape (N, ...); each is clamped below at its
+    floor before the log (the paper clamps oriented energy at 1e-3). A constant map gives NaN.
+    """
+    la = a.detach().double().flatten(1).clamp_min(floor_a).log()
+    lb = b.detach().double().flatten(1).clamp_min(floor_b).log()
+    la, lb = la - la.mean(1, keepdim=True), lb - lb.mean(1, keepdim=True)
+    return (la * lb).sum(1) / (la.norm(dim=1) * lb.norm(dim=1))

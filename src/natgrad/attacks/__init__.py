@@ -2,6 +2,6 @@
 
 from natgrad.attacks.autoattack import autoattack
 from natgrad.attacks.fgsm import fgsm
-from natgrad.attacks.pgd import eval_mode, pgd
+from natgrad.attacks.pgd import eval_mode, frozen_parameters, pgd
 
-__all__ = ["autoattack", "eval_mode", "fgsm", "pgd"]
+__all__ = ["autoattack", "eval_mode", "fgsm", "frozen_parameters", "pgd"]

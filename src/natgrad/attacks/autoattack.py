@@ -24,7 +24,7 @@ from pyautoattack import AutoAttack, checks
 from pyautoattack.autoattack import AttackName
 from torch import nn
 
-from natgrad.attacks.pgd import eval_mode
+from natgrad.attacks.pgd import eval_mode, frozen_parameters
 from natgrad.errors import UserError, check_choice
 
 RESULT_NAMES = {"standard": "autoattack", "plus": "autoattack-plus", "custom": "autoattack-custom"}
@@ -44,6 +44,7 @@ def autoattack(
     seed: int = 0,
     state_path: str | os.PathLike | None = None,
     verbose: bool = False,
+    square_queries: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate L-infinity robustness with AutoAttack, attack after attack on the images still robust.
 
@@ -60,6 +61,7 @@ def autoattack(
             matching file (same eps, version, attacks, seed, n and labels) continues from it, and a finished
             one returns its result without attacking. A file from another evaluation is a :class:`UserError`.
         verbose: print the clean accuracy, the robust accuracy after each attack and AutoAttack's warnings.
+        square_queries: Square's query budget; default AutoAttack's 5000 (fewer is a weaker attack).
 
     Returns:
         ``attack``, ``version``, ``eps``, ``n``, ``clean_acc``, ``robust_acc``, ``per_attack`` (the robust
@@ -69,18 +71,23 @@ def autoattack(
         With fewer than 10 classes the targeted attacks use every other class as a target.
     """
     _check_arguments(x, y, eps, version, attacks, batch_size)
+    if square_queries is not None and square_queries < 1:
+        raise UserError(f"autoattack square_queries={square_queries} must be at least 1")
     x, y = x.detach(), y.detach().to(x.device, torch.long)
     adversary = AutoAttack(model, attacks=None if attacks is None else list(attacks), device=x.device,
                            eps=float(eps), norm="Linf", seed=seed, version=version)
     # Its own log would report accuracies of the subsets handed to it, not of all N images.
     adversary.verbose = False
+    if square_queries is not None:
+        adversary.square.n_queries = square_queries
     order = list(adversary.attacks_to_run)
     path = None if state_path is None else Path(state_path)
     key = {"eps": float(eps), "version": version, "attacks": order, "seed": seed, "n": len(x),
+           "square_queries": adversary.square.n_queries,
            "labels_sha256": hashlib.sha256(y.cpu().numpy().tobytes()).hexdigest()}
     state = _load_state(path, key) if path is not None and path.exists() else None
 
-    with (_frozen_parameters(model), eval_mode(model), _own_rng(x.device),
+    with (frozen_parameters(model), eval_mode(model), _own_rng(x.device),
           _captured_warnings(adversary.logger) as new_warnings):
         if state is None:
             with torch.no_grad():
@@ -190,19 +197,6 @@ def _captured_warnings(logger: logging.Logger) -> Iterator[list[str]]:
         yield log.messages
     finally:
         logger.removeFilter(log)
-
-
-@contextlib.contextmanager
-def _frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Stop parameters from requiring grad for the block: FAB calls ``backward()``, which would fill ``.grad``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 @contextlib.contextmanager

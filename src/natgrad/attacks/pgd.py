@@ -23,6 +23,19 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Stop parameters from requiring grad for the block, so that no ``backward()`` fills ``.grad``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _hard_labels(y: torch.Tensor) -> torch.Tensor:
     return y.argmax(1) if y.is_floating_point() else y
 

@@ -148,6 +148,8 @@ class EvalSettings:
     sweep_eps: list[float] | None = None  # default 0..8 eps_ref in 16 steps, scaled to the recipe's eps
     sweep_steps: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
     progress: bool = True
+    state_dir: Path | None = None  # AutoAttack saves its progress here per batch and resumes from it
+    square_queries: int | None = None  # None: AutoAttack's 5000
 
 
 def step_size(eps: float) -> float:
@@ -232,15 +234,21 @@ def _steps_sweep(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings) -
 
 
 def _autoattack_row(model: nn.Module, ds: Dataset, ctx: Context, attack: str, eps: float, s: EvalSettings) -> dict:
-    from natgrad.attacks.autoattack import autoattack
+    from natgrad.attacks.autoattack import RESULT_NAMES, autoattack
 
-    version = {"autoattack": "standard", "autoattack-plus": "plus", "autoattack-custom": "custom"}[attack]
+    version = {name: v for v, name in RESULT_NAMES.items()}[attack]
     if version == "custom" and not s.aa_attacks:
         raise UserError("autoattack-custom needs --aa-attacks, e.g. --aa-attacks apgd-ce,square")
     counts, names, warnings = None, [], []
     for b, (x, y) in enumerate(shard_batches(ds, s.batch_size, ctx, s.seed, f"{attack} eps={eps:.4g}", s.progress)):
+        batch_index = ctx.rank + b * ctx.world
+        state = None
+        if s.state_dir is not None:
+            attacks = "-".join(s.aa_attacks) if version == "custom" else version
+            state = Path(s.state_dir) / f"{attacks}-eps{eps:.6g}-batch{batch_index}-of{s.batch_size}.pt"
         out = autoattack(model, x, y, eps, version=version, attacks=s.aa_attacks if version == "custom" else None,
-                         batch_size=s.batch_size, seed=s.seed + ctx.rank + b * ctx.world)
+                         batch_size=s.batch_size, seed=s.seed + batch_index, state_path=state,
+                         square_queries=s.square_queries)
         n = len(y)
         names = [p["attack"] for p in out["per_attack"]]
         batch = torch.tensor([n, round(out["robust_acc"] * n)] + [round(p["robust_acc"] * n) for p in out["per_attack"]],
@@ -287,10 +295,12 @@ SANITY_CHECKS = ("deterministic", "large eps reaches chance", "more iterations",
 
 
 def sanity_checks(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: Context, num_classes: int,
-                  only: list[str] | None = None) -> list[dict]:
+                  only: list[str] | None = None, done: list[dict] | None = None) -> list[dict]:
     """Carlini et al.'s checklist as the paper's Appendix C runs it; each check PASS, WARN or SKIP.
 
-    ``only`` restricts the report to some of :data:`SANITY_CHECKS` (and runs only the attacks they need).
+    ``only`` restricts the report to some of :data:`SANITY_CHECKS` (and runs only the attacks they need);
+    ``done`` holds result rows of :func:`evaluate_model` on the same images and settings, which are reused
+    instead of attacking again.
     """
     s = settings
     eps = s.eps[0] if s.eps else REFERENCE_EPS
@@ -309,8 +319,14 @@ def sanity_checks(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: Co
         return checks
 
     def run(attacks: list[str], **changes: Any) -> list[dict]:
-        return evaluate_model(model, ds, dataclasses.replace(s, attacks=attacks, eps=[eps], progress=s.progress, **changes),
-                              ctx)["results"]
+        eps_list = changes.pop("eps", [eps])
+        steps = changes.pop("pgd_steps", s.pgd_steps)
+        names = [f"{a}-{k}" if a.startswith("pgd") else a for a in attacks for k in (steps if a.startswith("pgd") else [0])]
+        found = [_find(done or [], name, e, changes.get("aa_attacks")) for name in names for e in eps_list]
+        if all(found):
+            return found
+        return evaluate_model(model, ds, dataclasses.replace(s, attacks=attacks, eps=eps_list, pgd_steps=tuple(steps),
+                                                             **changes), ctx)["results"]
 
     chance = 1.0 / num_classes
     big = min(1.0, 8 * eps)
@@ -343,6 +359,14 @@ def sanity_checks(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: Co
     checks.append(_check("autoattack flags", not flags, {"warnings": flags},
                          "AutoAttack raised no flags" if not flags else "; ".join(flags)))
     return checks
+
+
+def _find(rows: list[dict], attack: str, eps: float, aa_attacks: list[str] | None) -> dict | None:
+    for r in rows:
+        if r["attack"] == attack and math.isclose(r["eps"], eps) and (
+                attack != "autoattack-custom" or [p["attack"] for p in r["per_attack"]] == aa_attacks):
+            return r
+    return None
 
 
 def format_sanity(checks: list[dict]) -> str:
@@ -379,13 +403,17 @@ def plot_sweep(sweep: dict, kind: str, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def check_robustbench(cfg: RunConfig, settings: EvalSettings) -> None:
+    """Fail before attacking when the evaluation will not hold what :func:`robustbench_info` needs."""
+    if not ({"clean", "autoattack"} <= set(settings.attacks) and any(math.isclose(e, cfg.eps) for e in settings.eps)):
+        raise UserError(f"--robustbench-json needs the clean and autoattack results at the recipe's eps {cfg.eps:.4g}; "
+                        f"add --attacks clean,autoattack --eps {cfg.eps:.6g}")
+
+
 def robustbench_info(name: str, cfg: RunConfig, rows: list[dict]) -> dict:
     """RobustBench's model_info fields from the evaluation rows (AutoAttack standard at the recipe's eps)."""
-    clean = next((r["robust_acc"] for r in rows if r["attack"] == "clean"), None)
-    aa = next((r for r in rows if r["attack"] == "autoattack" and math.isclose(r["eps"], cfg.eps)), None)
-    if clean is None or aa is None:
-        raise UserError(f"--robustbench-json needs the clean and autoattack results at eps {cfg.eps:.4g}; "
-                        f"add --attacks clean,autoattack --eps {cfg.eps:.6g}")
+    clean = next(r["robust_acc"] for r in rows if r["attack"] == "clean")
+    aa = next(r for r in rows if r["attack"] == "autoattack" and math.isclose(r["eps"], cfg.eps))
     return {
         "name": name, "architecture": cfg.model.name, "training": cfg.method, "dataset": cfg.data.name,
         "threat_model": "Linf", "eps": f"{cfg.eps * 255:.4g}/255", "clean_acc": f"{100 * clean:.2f}",

@@ -1,0 +1,244 @@
+"""All of the paper's gradient analyses of one model on a test set (Tables 1, 5, 6, 7; Figures 1, 6-11).
+
+:func:`analyze` returns the summary that ``analysis.json`` holds and the per-image values the
+figures draw. Each analysis makes its own pass over the images, with its own progress bar; the
+randomness of batch ``b`` (PGD starts, power-iteration starts, linearity draws) is seeded by
+``seed + b``, so results do not depend on which analyses run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from natgrad.analysis import statistics as st
+from natgrad.analysis.edges import log_correlation, sobel_energy
+from natgrad.analysis.geometry import hessian_spectral_norm, local_linearity_error, loss_and_gradient, normalized_curvature
+from natgrad.attacks import eval_mode, frozen_parameters, pgd
+from natgrad.errors import UserError, did_you_mean
+
+ANALYSES = ("gradients", "edges", "geometry", "linearity", "along_attack", "pictures")
+CHANNEL_EDGES = st.log_edges(1e-12, 1e4, 5)  # fixed, so that counts add up over batches
+
+
+@dataclasses.dataclass
+class AnalysisSettings:
+    """What :func:`analyze` computes; defaults are the paper's."""
+
+    eps: float
+    analyses: tuple[str, ...] = ANALYSES
+    batch_size: int = 128
+    pgd_steps: int = 10  # Table 1 conditions on PGD-10
+    power_iterations: int = 20  # Table 6
+    along_steps: int = 5  # Figure 11 interpolates towards PGD-5
+    along_t: tuple[float, ...] = tuple(i / 4 for i in range(9))  # 0 to 2
+    along_iterations: int = 2  # Figure 11: 2 iterations started at the gradient
+    pictures: int = 8
+    scatter_images: int = 3
+    seed: int = 0
+    progress: bool = True
+
+
+def parse_analyses(names: str | list[str]) -> tuple[str, ...]:
+    """``"gradients,edges"`` -> a tuple of known analysis names."""
+    out = [a.strip() for a in names.split(",")] if isinstance(names, str) else list(names)
+    for a in out:
+        if a not in ANALYSES:
+            raise UserError(f"unknown analysis {a!r}{did_you_mean(a, ANALYSES)}; known: {', '.join(ANALYSES)}")
+    return tuple(out)
+
+
+def _batches(ds: Dataset, s: AnalysisSettings, device: torch.device, desc: str
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from natgrad.engine.distributed import Context
+    from natgrad.engine.robustness import shard_batches
+
+    yield from shard_batches(ds, s.batch_size, Context(0, 1, device), s.seed, desc, s.progress)
+
+
+def _ce(model: nn.Module, y: torch.Tensor):
+    return lambda z: F.cross_entropy(model(z).float(), y, reduction="none")
+
+
+def _step_size(eps: float) -> float:
+    from natgrad.engine.robustness import step_size
+
+    return step_size(eps)
+
+
+def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
+    return pgd(model, x, y, eps, steps, _step_size(eps), random_start=True, keep_best=True)
+
+
+def _gradients(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict, dict]:
+    """Table 1 and Figures 6, 7: L1 norms of loss gradients, conditioned on PGD success; channel values."""
+    l1, correct, fooled = [], [], []
+    channels: list[torch.Tensor] | None = None
+    for x, y in _batches(ds, s, device, "gradients"):
+        _, loss, g = loss_and_gradient(_ce(model, y), x)
+        with torch.no_grad():
+            correct.append((model(x).argmax(1) == y).cpu())
+            fooled.append((model(_pgd(model, x, y, s.eps, s.pgd_steps)).argmax(1) != y).cpu())
+        l1.append(g.flatten(1).abs().sum(1).cpu())
+        per_channel = [st.count(g[:, c].abs(), CHANNEL_EDGES) for c in range(g.shape[1])]
+        channels = per_channel if channels is None else [a + b for a, b in zip(channels, per_channel)]
+    l1_all, correct_all, fooled_all = torch.cat(l1), torch.cat(correct), torch.cat(fooled)
+    mean, when_fails, when_succeeds = st.conditional_means(l1_all, fooled_all)
+    edges = st.edges_for(l1_all)
+    summary = {
+        "n": len(l1_all), "pgd_steps": s.pgd_steps, "eps": s.eps,
+        "clean_acc": correct_all.double().mean().item(), "pgd_acc": 1 - fooled_all.double().mean().item(),
+        "pgd_success_rate": fooled_all.double().mean().item(),
+        "l1_mean": mean, "l1_mean_attack_fails": when_fails, "l1_mean_attack_succeeds": when_succeeds,
+        "histograms": {"all": st.histogram(l1_all, edges), "correct": st.histogram(l1_all[correct_all], edges),
+                       "incorrect": st.histogram(l1_all[~correct_all], edges)},
+    }
+    edge_list = CHANNEL_EDGES.tolist()
+    total = sum(channels)
+    channel_summary = {"n": len(l1_all), "all": {"edges": edge_list, "counts": total.tolist()},
+                       "per_channel": [{"edges": edge_list, "counts": c.tolist()} for c in channels]}
+    arrays = {"l1": l1_all, "correct": correct_all, "fooled": fooled_all}
+    return summary, channel_summary, arrays
+
+
+def _edges(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+    """Table 5 and Figure 8: log-log correlation of saliency and |loss gradient| with Sobel oriented energy."""
+    sal_corr, loss_corr, scatter = [], [], []
+    for x, y in _batches(ds, s, device, "edges"):
+        _, _, g_loss = loss_and_gradient(_ce(model, y), x)
+        _, _, g_class = loss_and_gradient(lambda z, y=y: model(z).gather(1, y[:, None]).squeeze(1), x)
+        saliency = g_class.abs().amax(1)  # per-pixel max over channels
+        loss_map = g_loss.abs().amax(1)
+        energy = sobel_energy(x)
+        sal_corr.append(log_correlation(saliency, energy).cpu())
+        loss_corr.append(log_correlation(loss_map, energy).cpu())
+        for i in range(min(len(x), s.scatter_images - len(scatter))):
+            scatter.append({"log_energy": energy[i].clamp_min(1e-3).log().flatten().cpu(),
+                            "log_saliency": saliency[i].clamp_min(1e-30).log().flatten().cpu()})
+    sal, loss = torch.cat(sal_corr), torch.cat(loss_corr)
+    sal_mean, sal_std = st.mean_std(sal[sal.isfinite()])
+    loss_mean, loss_std = st.mean_std(loss[loss.isfinite()])
+    summary = {"n": len(sal), "n_constant": int((~sal.isfinite()).sum()),
+               "saliency_corr_mean": sal_mean, "saliency_corr_std": sal_std,
+               "loss_grad_corr_mean": loss_mean, "loss_grad_corr_std": loss_std}
+    return summary, {"saliency_corr": sal, "loss_grad_corr": loss, "scatter": scatter}
+
+
+def _geometry(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+    """Table 6 and Figure 9: gradient L2 norm, Hessian spectral norm, normalized curvature."""
+    g2, hn, curv = [], [], []
+    for x, y in _batches(ds, s, device, "geometry"):
+        _, g, h = hessian_spectral_norm(_ce(model, y), x, s.power_iterations)
+        g2.append(g.flatten(1).norm(dim=1).cpu())
+        hn.append(h.cpu())
+        curv.append(normalized_curvature(h, g).cpu())
+    g2_all, hn_all, curv_all = torch.cat(g2), torch.cat(hn), torch.cat(curv)
+    summary = {"n": len(g2_all), "power_iterations": s.power_iterations}
+    for name, v in (("grad_l2", g2_all), ("hessian_norm", hn_all), ("curvature", curv_all)):
+        summary[f"{name}_mean"], summary[f"{name}_std"] = st.mean_std(v[v.isfinite()])
+    summary["curvature_histogram"] = st.histogram(curv_all[curv_all.isfinite()])
+    return summary, {"grad_l2": g2_all, "hessian_norm": hn_all, "curvature": curv_all}
+
+
+def _linearity(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+    """Table 7 and Figure 10: local linearity error (Eq. 5-6) and its log10 (plus 1e-17)."""
+    errors = []
+    for x, y in _batches(ds, s, device, "linearity"):
+        errors.append(local_linearity_error(_ce(model, y), x, s.eps).cpu())
+    err = torch.cat(errors).double()
+    log10 = (err + 1e-17).log10()
+    summary = {"n": len(err), "eps": s.eps}
+    summary["error_mean"], summary["error_std"] = st.mean_std(err)
+    summary["log10_mean"], summary["log10_std"] = st.mean_std(log10)
+    summary["log10_histogram"] = {"edges": (edges := torch.linspace(log10.min().item(), log10.max().item() + 1e-9, 41)).tolist(),
+                                  "counts": torch.histogram(log10, edges.double()).hist.long().tolist()}
+    return summary, {"error": err}
+
+
+def _along_attack(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+    """Figure 11: mean loss, L1 gradient norm and normalized curvature at ``x + t (PGD-5(x) - x)``."""
+    t = torch.tensor(s.along_t, dtype=torch.float64)
+    sums = torch.zeros(3, len(t), dtype=torch.float64)
+    n = 0
+    for x, y in _batches(ds, s, device, "along attack"):
+        delta = _pgd(model, x, y, s.eps, s.along_steps) - x
+        for k, tk in enumerate(s.along_t):
+            loss, g, h = hessian_spectral_norm(_ce(model, y), x + tk * delta, s.along_iterations, init="gradient")
+            c = normalized_curvature(h, g)
+            sums[:, k] += torch.stack([loss.sum(), g.flatten(1).abs().sum(1).sum(), c[c.isfinite()].sum()]).double().cpu()
+        n += len(y)
+    mean = sums / n
+    summary = {"n": n, "attack": f"pgd-{s.along_steps}", "eps": s.eps, "power_iterations": s.along_iterations,
+               "t": t.tolist(), "loss": mean[0].tolist(), "grad_l1": mean[1].tolist(), "curvature": mean[2].tolist()}
+    return summary, {}
+
+
+def _pictures(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+    """Figures 1, 3, 14: images, loss gradients, PGD-10 perturbations (resisted or not) and edges."""
+    x, y = next(_batches(ds, dataclasses.replace(s, batch_size=s.pictures, progress=False), device, "pictures"))
+    _, _, g = loss_and_gradient(_ce(model, y), x)
+    x_adv = _pgd(model, x, y, s.eps, s.pgd_steps)
+    with torch.no_grad():
+        resisted = model(x_adv).argmax(1) == y
+    arrays = {"images": x.cpu(), "labels": y.cpu(), "gradients": g.cpu(), "perturbations": (x_adv - x).cpu(),
+              "resisted": resisted.cpu(), "edges": sobel_energy(x).cpu()}
+    return {"n": len(y), "resisted": resisted.tolist()}, arrays
+
+
+def analyze(model: nn.Module, ds: Dataset, settings: AnalysisSettings,
+            device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the named analyses; returns ``(summary, arrays)``: the JSON sections and the per-image values."""
+    s = settings
+    device = torch.device(device)
+    summary: dict[str, Any] = {"eps": s.eps, "n": len(ds)}
+    arrays: dict[str, Any] = {}
+    devices = [device] if device.type == "cuda" else []
+    with eval_mode(model), frozen_parameters(model), torch.random.fork_rng(devices=devices):
+        for name in s.analyses:
+            if name == "gradients":
+                summary["gradients"], summary["channels"], arrays["gradients"] = _gradients(model, ds, s, device)
+            else:
+                run = {"edges": _edges, "geometry": _geometry, "linearity": _linearity,
+                       "along_attack": _along_attack, "pictures": _pictures}[name]
+                summary[name], arrays[name] = run(model, ds, s, device)
+    return summary, arrays
+
+
+def check_out(out: Path) -> None:
+    """``out`` must be new, empty or an earlier analysis folder, since writing replaces it."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "analysis.json").is_file())):
+        raise UserError(f"--out {out} exists and is not an analysis folder (no analysis.json); "
+                        "give a new folder, since writing replaces it")
+
+
+def write_analysis(summary: dict[str, Any], arrays: dict[str, Any], out: Path) -> Path:
+    """Write ``analysis.json`` and the figures into ``out``, all at once: built in a temporary folder,
+    then moved into place (replacing an earlier analysis there). Returns the JSON's path."""
+    from natgrad.analysis.figures import draw_all
+
+    out = Path(out)
+    check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        title = f"{summary.get('model', '')} ({summary.get('method', '')}, n={summary['n']})"
+        summary = {**summary, "figures": draw_all(summary, arrays, tmp, title)}
+        (tmp / "analysis.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "analysis.json"
