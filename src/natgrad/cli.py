@@ -98,7 +98,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from natgrad.engine.distributed import setup
 
     analyses = parse_analyses(args.analyses)
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         raise UserError(f"--n {args.n} must be at least 1")
     for flag, value in (("--power-iterations", args.power_iterations), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -106,12 +106,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     eps = rb.parse_eps(args.eps) if args.eps else None
     if eps is not None and len(eps) != 1:
         raise UserError("analyze takes one --eps value")
-    ctx = setup(args.device)
-    loaded = rb.load_model(args.source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
-    ds = rb.eval_dataset(loaded.cfg, args.n)
-    out = Path(args.out) if args.out else (Path(args.source) / "analysis" if Path(args.source).is_dir()
-                                           else Path(f"analysis-{loaded.name}"))
+    source = Path(args.source)
+    out = Path(args.out) if args.out else (source / "analysis" if source.is_dir() else Path(f"analysis-{source.stem}"))
     check_out(out)
+    ctx = setup(args.device)
+    loaded = rb.load_model(source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
+    ds = rb.eval_dataset(loaded.cfg, args.n if args.n is not None else min(1000, len(rb.eval_dataset(loaded.cfg, None))))
     settings = AnalysisSettings(eps=eps[0] if eps else loaded.cfg.eps, analyses=analyses, batch_size=args.batch_size,
                                 power_iterations=args.power_iterations, seed=args.seed, progress=not args.quiet)
     summary, arrays = analyze(loaded.model, ds, settings, ctx.device)
@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("source", metavar="RUN_DIR", help="a run folder, or a .safetensors file with --recipe")
     a.add_argument("--recipe", help="the recipe a .safetensors file was trained with")
     a.add_argument("--model", help="override the recipe's model name")
-    a.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
-                   help="test images (a fixed seeded subset; default 1000)")
+    a.add_argument("--n", "--num-images", dest="n", type=int,
+                   help="test images (a fixed seeded subset; default 1000 or the whole test set if smaller)")
     a.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
     a.add_argument("--analyses", default=",".join(ANALYSES), help=f"any of {','.join(ANALYSES)} (default all)")
     a.add_argument("--eps", help="attack and linearity radius (default the recipe's eps); accepts 4/255")

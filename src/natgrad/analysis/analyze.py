@@ -97,7 +97,7 @@ def _gradients(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch
     edges = st.edges_for(l1_all)
     summary = {
         "n": len(l1_all), "pgd_steps": s.pgd_steps, "eps": s.eps,
-        "clean_acc": correct_all.double().mean().item(), "pgd_acc": 1 - fooled_all.double().mean().item(),
+        "clean_acc": correct_all.double().mean().item(), "pgd_acc": (~fooled_all).double().mean().item(),
         "pgd_success_rate": fooled_all.double().mean().item(),
         "l1_mean": mean, "l1_mean_attack_fails": when_fails, "l1_mean_attack_succeeds": when_succeeds,
         "histograms": {"all": st.histogram(l1_all, edges), "correct": st.histogram(l1_all[correct_all], edges),
