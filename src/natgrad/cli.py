@@ -163,6 +163,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from natgrad.engine import bench
+    from natgrad.engine import checkpoint as ckpt
+
+    settings = bench.BenchSettings(
+        recipe=args.recipe, overrides=args.overrides, model=args.model, act=args.act, input_size=args.input_size,
+        channels=args.channels, batch=args.batch, methods=bench.parse_methods(args.methods), device=args.device,
+        steps=args.steps, warmup=args.warmup, progress=not args.quiet)
+    result = bench.run_bench(settings)
+    print(bench.format_table(result))
+    if args.json:
+        ckpt.atomic_write_text(Path(args.json), json.dumps(result, indent=2))
+        print(f"natgrad: results in {args.json}")
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     if args.keys:
         defaults = config.flatten(config.to_dict(config.RunConfig()))
@@ -243,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run folders written by `natgrad train`")
     p.add_argument("--out", metavar="FILE", default="report.html", help="the HTML file to write (default report.html)")
     p.set_defaults(func=_cmd_report)
+    b = sub.add_parser("bench", help="seconds, passes and memory of one training step per method (Table 3)", description=(
+        "Time one full optimizer step of each method on the same model and random batch, interleaved round-robin; "
+        "report the median seconds per step, the ratio to PGD, the counted forward and backward passes and the "
+        "peak memory. The objectives' parameters come from --recipe; key=value arguments override its keys."))
+    b.add_argument("--recipe", default="fmnist-gradnorm", help="recipe for eps and the methods' parameters "
+                   "(default fmnist-gradnorm)")
+    b.add_argument("--model", help="model name (default the recipe's); keeps its own activation unless --act")
+    b.add_argument("--act", help="replace the model's activations (gelu, silu, relu, ...)")
+    b.add_argument("--input-size", type=int, help="image side in pixels (default the recipe's dataset's)")
+    b.add_argument("--channels", type=int, help="image channels (default the recipe's dataset's)")
+    b.add_argument("--batch", type=int, default=128, help="images per step (default 128)")
+    b.add_argument("--methods", default=",".join(config.METHODS),
+                   help=f"comma-separated, any of {','.join(config.METHODS)} (default all)")
+    b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    b.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps per method first (default 2)")
+    b.add_argument("--json", metavar="FILE", help="also write the results here")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -254,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [a for a in extra if a.startswith("-") or "=" not in a]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like key=value)")
-        if extra and args.command != "train":
+        if extra and args.command not in ("train", "bench"):
             parser.error(f"{args.command} takes no key=value overrides")
         args.overrides = extra
         return args.func(args)

@@ -329,9 +329,3 @@ def train_loader(ds: Dataset, cfg: RunConfig, epoch: int, rank: int = 0, world: 
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     return DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers, generator=gen,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
-
-
-def eval_loader(ds: Dataset, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0) -> DataLoader:
-    """Sequential batches of this process's share of the images, without padding duplicates."""
-    share = ds if world == 1 else Subset(ds, list(range(rank, len(ds), world)))
-    return DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=num_workers)
