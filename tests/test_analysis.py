@@ -120,7 +120,8 @@ def run(tmp_path_factory):
 
 def test_analyze_command_writes_json_and_figures(run):
     assert run_cli(["analyze", str(run), "--n", "20", "--power-iterations", "2", "--quiet"])[0] == 0
-    summary = json.loads((run / "analysis" / "analysis.json").read_text())
+    text = (run / "analysis" / "analysis.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"analysis.json holds {c}, which is not JSON"))
     assert summary["n"] == 20 and summary["model"] == "run" and set(ANALYSES) <= set(summary)
     for name in summary["figures"].values():
         assert (run / "analysis" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

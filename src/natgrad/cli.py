@@ -128,7 +128,7 @@ def _analysis_table(summary: dict) -> str:
     lines = []
     if g := summary.get("gradients"):
         lines.append(f"gradients   E[L1] {g['l1_mean']:.4g}  (PGD-{g['pgd_steps']} fails {g['l1_mean_attack_fails']:.4g}, "
-                     f"succeeds {g['l1_mean_attack_succeeds']:.4g}; clean {100 * g['clean_acc']:.2f}%, "
+                     f"succeeds {g['l1_mean_attack_succeeds']:.4g} (nan: no such image); clean {100 * g['clean_acc']:.2f}%, "
                      f"PGD {100 * g['pgd_acc']:.2f}%)")
     if e := summary.get("edges"):
         lines.append(f"edges       corr saliency {e['saliency_corr_mean']:+.4f} ± {e['saliency_corr_std']:.4f}, "

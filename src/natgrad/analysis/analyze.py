@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -214,6 +215,17 @@ def analyze(model: nn.Module, ds: Dataset, settings: AnalysisSettings,
     return summary, arrays
 
 
+def _finite_or_null(value: Any) -> Any:
+    """JSON has no NaN or infinity: an undefined statistic (e.g. the mean over no image) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def check_out(out: Path) -> None:
     """``out`` must be new, empty or an earlier analysis folder, since writing replaces it."""
     out = Path(out)
@@ -234,7 +246,7 @@ def write_analysis(summary: dict[str, Any], arrays: dict[str, Any], out: Path) -
     try:
         title = f"{summary.get('model', '')} ({summary.get('method', '')}, n={summary['n']})"
         summary = {**summary, "figures": draw_all(summary, arrays, tmp, title)}
-        (tmp / "analysis.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+        (tmp / "analysis.json").write_text(json.dumps(_finite_or_null(summary), indent=2, allow_nan=False))
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)

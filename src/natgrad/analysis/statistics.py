@@ -1,7 +1,8 @@
 """Summaries of per-image values: means, conditional means, log-scale histograms.
 
 Histograms carry explicit outer edges 0 and infinity, so every value is counted exactly once
-(zeros included, which log-scale plots cannot show but the counts keep).
+(zeros included, which log-scale plots cannot show but the counts keep). ``analysis.json`` writes
+the infinite last edge as null, since JSON has no infinity.
 """
 
 from __future__ import annotations
