@@ -169,6 +169,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from natgrad.engine import bench
     from natgrad.engine import checkpoint as ckpt
 
+    if args.json and Path(args.json).is_dir():
+        raise UserError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'bench.json'}")
     settings = bench.BenchSettings(
         recipe=args.recipe, overrides=args.overrides, model=args.model, act=args.act, input_size=args.input_size,
         channels=args.channels, batch=args.batch, methods=bench.parse_methods(args.methods), device=args.device,

@@ -1,0 +1,412 @@
+"""Cost of one training step per objective (the paper's Table 3): seconds, counted passes, peak memory.
+
+Every method trains its own copy of the same initial model on the same random batch, with the
+objective and optimizer that ``natgrad train`` builds from the recipe. Methods run interleaved,
+round-robin with a rotating order, so that drift in the machine's speed hits all of them alike.
+
+Per method, before any timed step:
+
+1. one step with counters on the model (:func:`count_passes`): every call of the model is a
+   forward pass; every backward traversal that reaches its logits is a backward pass, however
+   many gradients it computes at once. GradNorm (and edge) take the input gradient with
+   ``create_graph``, then ``loss.backward()`` runs back through the forward graph and through the
+   graph of that first backward in one traversal: that is one backward, so a GradNorm step counts
+   1 forward + 2 backward. A backward that also runs through the graph of an earlier backward (the
+   costly part of double backprop, roughly a forward and a backward more of work) is counted
+   once more in ``double_backward`` (1 for GradNorm and edge, 0 for the others).
+2. one step whose peak memory is measured: the peak increase over the memory held just before
+   the step (weights, optimizer state and batch, of every method, are resident and excluded).
+   On CUDA it is the allocator's peak (``torch.cuda.max_memory_allocated``). On CPU it is the
+   peak resident set size, sampled from ``/proc/self/statm`` every 0.5 ms by a thread running
+   only during this untimed step, after ``malloc_trim`` has returned freed heap memory to the
+   system (glibc), so that memory freed by other methods' steps cannot hide this step's. None
+   where ``/proc`` is missing. Steps much shorter than the sampling interval may read low.
+
+Then warm-up rounds and timed rounds. A step is the objective, ``loss.backward()``, gradient
+clipping when the recipe asks for it, the optimizer step and ``zero_grad`` (bf16 autocast on CUDA
+as in training when ``amp``). The learning-rate schedule and EMA cost every method the same and
+are left out. The step is taken with ``epoch_fraction`` past every warm-up of the recipe, so that
+regularizers run at full weight (``gradnorm-fd`` skips its second pass at weight 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import functools
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.utils import dispatch_clip_grad
+from torch import nn
+from tqdm.auto import tqdm
+
+from natgrad import config, data, models, objectives
+from natgrad.config import RunConfig
+from natgrad.engine.train import objective_params
+from natgrad.errors import UserError, did_you_mean
+
+METHODS = config.METHODS
+RSS_INTERVAL_S = 0.0005
+
+
+@dataclass
+class BenchSettings:
+    """What to measure; None takes the recipe's value (its model, activation, image size and channels)."""
+
+    recipe: str = "fmnist-gradnorm"
+    overrides: Sequence[str] = ()  # key=value, applied after the flags below
+    model: str | None = None  # a natgrad model name; the model's own activation unless ``act`` is given
+    act: str | None = None
+    input_size: int | None = None
+    channels: int | None = None
+    batch: int = 128
+    methods: Sequence[str] = METHODS
+    device: str = "auto"  # auto | cpu | cuda
+    steps: int = 10
+    warmup: int = 2
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------- pass counting
+
+
+@dataclass
+class PassCounts:
+    forward: int = 0
+    backward: int = 0
+    double_backward: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity on the logits; its backward counts one backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, counts: PassCounts) -> torch.Tensor:
+        ctx.counts = counts
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.counts.backward += 1
+        return grad, None
+
+
+class _CountDoubleBackward(torch.autograd.Function):
+    """Identity on the input gradient; its backward runs when a later backward goes back through that gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: torch.Tensor, counts: PassCounts) -> torch.Tensor:
+        ctx.counts = counts
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.counts.double_backward += 1
+        return grad, None
+
+
+class _MarkInputGradient(torch.autograd.Function):
+    """Identity on the input; under ``create_graph`` its backward marks the input gradient it returns."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, counts: PassCounts) -> torch.Tensor:
+        ctx.counts = counts
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _CountDoubleBackward.apply(grad, ctx.counts), None
+
+
+@contextlib.contextmanager
+def count_passes(model: nn.Module) -> Iterator[PassCounts]:
+    """Count the forward, backward and double-backward passes through ``model`` while the block runs.
+
+    A forward is a call of ``model``; a backward is a backward traversal that reaches its logits;
+    a double backward is one that (also) runs back through the graph of an earlier backward, seen
+    where that earlier backward produced the input gradient with ``create_graph``.
+    """
+    counts = PassCounts()
+
+    def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+        if args and isinstance(args[0], torch.Tensor):
+            return (_MarkInputGradient.apply(args[0], counts), *args[1:])
+        return None
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        counts.forward += 1
+        return _CountBackward.apply(output, counts) if isinstance(output, torch.Tensor) else None
+
+    handles = [model.register_forward_pre_hook(pre_hook), model.register_forward_hook(hook)]
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def peak_memory(run: Callable[[], None], device: torch.device) -> int | None:
+    """Bytes by which memory rose above its level before ``run()`` at its peak (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return max(torch.cuda.max_memory_allocated(device) - before, 0)
+    _malloc_trim()
+    before = _rss_bytes()
+    if before is None:
+        run()
+        return None
+    peak, stop = before, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(RSS_INTERVAL_S):
+            peak = max(peak, _rss_bytes() or 0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run()
+    finally:
+        stop.set()
+        sampler.join()
+    return max(peak, _rss_bytes() or 0) - before
+
+
+# ---------------------------------------------------------------------------- one training step
+
+
+@dataclass
+class MethodStep:
+    """One method's model, optimizer and objective; calling it takes one full optimizer step."""
+
+    method: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: objectives.Objective
+    epoch_fraction: float
+    amp: bool = False
+    clip_grad: float | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        with autocast:
+            loss = self.objective(x, y, epoch_fraction=self.epoch_fraction)["loss"]
+        loss.backward()
+        if self.clip_grad:
+            dispatch_clip_grad(self.model.parameters(), self.clip_grad, mode="norm")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def bench_config(settings: BenchSettings) -> RunConfig:
+    """The recipe with the model flags and then the ``key=value`` overrides applied."""
+    flags = []
+    if settings.model is not None:
+        flags += [f"model.name={settings.model}", "model.act=null"]  # another model keeps its own activation
+    if settings.act is not None:
+        flags.append(f"model.act={settings.act}")
+    return config.load(settings.recipe, [*flags, *settings.overrides])
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """Method names from a list or a comma-separated string, checked, duplicates dropped."""
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [m.strip() for m in methods]
+    names = [m for m in names if m]
+    if not names:
+        raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
+    for m in names:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}{did_you_mean(m, METHODS)}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+def steady_epoch_fraction(cfg: RunConfig) -> float:
+    """An ``epoch_fraction`` past every warm-up of the recipe, where each regularizer has its full weight."""
+    return float(max(cfg.gradnorm.warmup_epochs, cfg.attack.warmup_epochs, 0.0))
+
+
+def build_model(cfg: RunConfig, channels: int, input_size: int) -> nn.Module:
+    """The configured model for ``channels`` x ``input_size`` images (the recipe's dataset's classes)."""
+    di = data.info(cfg.data)
+    same = channels == di.in_chans
+    kwargs: dict[str, Any] = {}
+    if cfg.model.name not in models.BUILTIN:
+        kwargs = {"drop_rate": cfg.model.drop, "drop_path_rate": cfg.model.drop_path}
+
+    def create(**extra: Any) -> nn.Module:
+        return models.create(cfg.model.name, di.num_classes, channels, act=cfg.model.act, bn_eval=cfg.model.bn_eval,
+                             mean=di.mean if same else None, std=di.std if same else None, **kwargs, **extra)
+
+    if cfg.model.name in models.BUILTIN:
+        return create()
+    try:  # vision transformers fix their input size when built; convolutional nets take any size
+        return create(img_size=input_size)
+    except TypeError:
+        return create()
+
+
+def build_steps(cfg: RunConfig, methods: Sequence[str], model: nn.Module, device: torch.device) -> dict[str, MethodStep]:
+    """For each method a fresh copy of ``model`` with its optimizer and training objective, as training builds them."""
+    steps = {}
+    for method in methods:
+        m = copy.deepcopy(model).to(device).train()
+        o = cfg.optim
+        optimizer = create_optimizer_v2(m, opt=o.name, lr=cfg.lr, weight_decay=o.weight_decay, eps=o.opt_eps,
+                                        momentum=o.momentum)
+        mcfg = dataclasses.replace(cfg, method=method)
+        objective = objectives.create(method, m, **objective_params(mcfg))
+        steps[method] = MethodStep(method, m, optimizer, objective, steady_epoch_fraction(cfg),
+                                   amp=device.type == "cuda" and cfg.amp, clip_grad=o.clip_grad)
+    return steps
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+
+def _device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not one of auto, cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _timed(step: MethodStep, x: torch.Tensor, y: torch.Tensor) -> float:
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    step(x, y)
+    if cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - t0
+
+
+def _check(settings: BenchSettings) -> None:
+    for flag, value, least in (("--steps", settings.steps, 1), ("--batch", settings.batch, 1),
+                               ("--warmup", settings.warmup, 0), ("--input-size", settings.input_size, 1),
+                               ("--channels", settings.channels, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value} must be at least {least}")
+
+
+def _check_input(model: nn.Module, x: torch.Tensor, name: str) -> None:
+    """A UserError unless ``model`` takes images shaped like ``x``."""
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as e:
+        shape = "x".join(map(str, x.shape[1:]))
+        raise UserError(f"{name} does not take {shape} images ({str(e).splitlines()[0]}); "
+                        "change --input-size or --channels") from None
+    finally:
+        model.train()
+
+
+def run_bench(settings: BenchSettings) -> dict:
+    """Measure every method of ``settings``; returns the JSON-ready result (see the module docstring)."""
+    _check(settings)
+    methods = parse_methods(settings.methods)
+    cfg = bench_config(settings)
+    device = _device(settings.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as training does
+    di = data.info(cfg.data)
+    channels = settings.channels or di.in_chans
+    size = settings.input_size or di.image_size
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, channels, size)
+    x = torch.rand(settings.batch, channels, size, size).to(device)
+    _check_input(model, x[:1].cpu(), cfg.model.name)
+    y = torch.randint(0, di.num_classes, (settings.batch,)).to(device)
+    steps = build_steps(cfg, methods, model, device)
+    del model
+
+    passes, memory = {}, {}
+    for name, step in steps.items():
+        with count_passes(step.model) as counts:
+            step(x, y)
+        passes[name] = counts.as_dict()
+        memory[name] = peak_memory(functools.partial(step, x, y), device)
+
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    rounds = settings.warmup + settings.steps
+    for r in tqdm(range(rounds), desc="bench", disable=not settings.progress, dynamic_ncols=True):
+        k = r % len(methods)
+        for name in methods[k:] + methods[:k]:
+            t = _timed(steps[name], x, y)
+            if r >= settings.warmup:
+                seconds[name].append(t)
+
+    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    pgd = medians.get("pgd")
+    return {
+        "model": cfg.model.name, "act": cfg.model.act, "input_size": size, "channels": channels, "batch": settings.batch,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": settings.steps,
+        "warmup": settings.warmup, "recipe": settings.recipe, "eps": cfg.eps, "pgd_steps": cfg.attack.steps,
+        "amp": device.type == "cuda" and cfg.amp,
+        "methods": {name: {
+            "seconds_per_step": medians[name], "seconds_all": seconds[name], "passes": passes[name],
+            "peak_memory_bytes": memory[name], "relative_to_pgd": None if pgd is None else medians[name] / pgd,
+        } for name in methods},
+    }
+
+
+def format_table(result: dict) -> str:
+    """The result as a terminal table: method, s/step, ratio to PGD-k, passes, peak memory."""
+    pgd_label = f"PGD-{result['pgd_steps']}"
+    header = ("method", "s/step", f"vs {pgd_label}", "passes", "peak MB")
+    rows = [header]
+    for name, m in result["methods"].items():
+        p = m["passes"]
+        passes = f"{p['forward']}F+{p['backward']}B" + (f" ({p['double_backward']} double)" if p["double_backward"] else "")
+        rows.append((
+            f"{name} ({pgd_label})" if name == "pgd" else name,
+            f"{m['seconds_per_step']:.4f}",
+            "-" if m["relative_to_pgd"] is None else f"{m['relative_to_pgd']:.3f}",
+            passes,
+            "-" if m["peak_memory_bytes"] is None else f"{m['peak_memory_bytes'] / 2**20:.1f}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    title = (f"{result['model']} ({result['act'] or 'own activation'}), {result['channels']}x{result['input_size']}x"
+             f"{result['input_size']}, batch {result['batch']}, {result['device']}, {result['threads']} threads, "
+             f"median of {result['steps']} steps")
+    return "\n".join([title, *lines])
+
+
+__all__ = ["BenchSettings", "MethodStep", "PassCounts", "build_steps", "count_passes", "format_table",
+           "peak_memory", "run_bench"]

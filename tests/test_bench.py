@@ -1,0 +1,93 @@
+"""`natgrad bench`: counted passes, the JSON contract, real training steps, and bad input."""
+
+import json
+import statistics
+
+import pytest
+import torch
+from conftest import run_cli
+
+from natgrad.engine import bench
+
+TINY = ["--batch", "4", "--steps", "3", "--warmup", "0", "--quiet"]
+
+# forward, backward, double backward per step; a backward that also runs through an earlier
+# backward's graph (double backprop) counts once as a backward and once as a double backward.
+PASSES = {
+    "natural": (1, 1, 0),
+    "gradnorm": (1, 2, 1),
+    "gradnorm-fd": (2, 2, 0),
+    "pgd": (4, 4, 0),  # PGD-3: three attack steps, then the training step
+    "fgsm": (2, 2, 0),
+    "edge": (1, 2, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    assert run_cli(["bench", *TINY, "--json", str(path)])[0] == 0
+    return json.loads(path.read_text())
+
+
+def test_passes_are_counted(result):
+    for method, (f, b, d) in PASSES.items():
+        assert result["methods"][method]["passes"] == {"forward": f, "backward": b, "double_backward": d}, method
+
+
+def test_json_holds_the_contract(result):
+    assert set(result["methods"]) == set(bench.METHODS)
+    assert result["model"] == "cnn-small" and result["input_size"] == 28 and result["batch"] == 4
+    assert result["device"] == "cpu" and result["steps"] == 3 and result["pgd_steps"] == 3
+    assert isinstance(result["threads"], int) and result["torch"] == torch.__version__
+    for m in result["methods"].values():
+        assert {"seconds_per_step", "passes", "peak_memory_bytes", "relative_to_pgd", "seconds_all"} <= set(m)
+        assert len(m["seconds_all"]) == 3 and all(s > 0 for s in m["seconds_all"])
+        assert m["seconds_per_step"] == statistics.median(m["seconds_all"])
+        assert m["relative_to_pgd"] == m["seconds_per_step"] / result["methods"]["pgd"]["seconds_per_step"]
+        assert m["peak_memory_bytes"] is None or m["peak_memory_bytes"] >= 0
+    assert result["methods"]["pgd"]["relative_to_pgd"] == 1.0
+
+
+def test_no_ratio_without_pgd_and_the_table(capsys):
+    out = bench.run_bench(bench.BenchSettings(methods=["natural"], batch=2, steps=1, warmup=0, progress=False))
+    assert list(out["methods"]) == ["natural"] and out["methods"]["natural"]["relative_to_pgd"] is None
+    table = bench.format_table(out)
+    assert "natural" in table and "1F+1B" in table
+
+
+def test_every_method_really_trains():
+    cfg = bench.bench_config(bench.BenchSettings())
+    torch.manual_seed(0)
+    model = bench.build_model(cfg, channels=1, input_size=28)
+    initial = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    for method, step in bench.build_steps(cfg, bench.METHODS, model, torch.device("cpu")).items():
+        assert all(torch.equal(a, p) for a, p in zip(initial, step.model.parameters())), f"{method}: not a fresh copy"
+        step(x, y)
+        changed = [not torch.equal(a, p) for a, p in zip(initial, step.model.parameters())]
+        assert all(changed), f"{method}: a step left parameters unchanged"
+        assert all(p.grad is None for p in step.model.parameters()), f"{method}: gradients left after the step"
+    assert all(torch.equal(a, p) for a, p in zip(initial, model.parameters())), "the shared initial model changed"
+
+
+def test_steps_run_past_every_warmup():
+    cfg = bench.bench_config(bench.BenchSettings(recipe="fmnist-gradnorm-fd"))
+    assert cfg.gradnorm.warmup_epochs == 1 and bench.steady_epoch_fraction(cfg) == 1.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "natural,pgd5"], "unknown method 'pgd5' (did you mean pgd?); choose from natural, gradnorm"),
+    (["--methods", ","], "--methods is empty"),
+    (["--model", "resnet81"], "unknown model 'resnet81'"),
+    (["--input-size", "32"], "cnn-small does not take 1x32x32 images"),
+    (["--steps", "0"], "--steps 0 must be at least 1"),
+    (["--batch", "0"], "--batch 0 must be at least 1"),
+    (["--warmup", "-1"], "--warmup -1 must be at least 0"),
+    (["epz=0.1"], "unknown config key 'epz'"),
+    (["--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, args, message):
+    code, err = run_cli(["bench", *TINY, *args], capsys)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1
