@@ -12,7 +12,11 @@ from torch import nn
 from natgrad.analysis import statistics as st
 from natgrad.analysis.analyze import ANALYSES, AnalysisSettings, analyze
 from natgrad.analysis.edges import log_correlation, sobel_energy
-from natgrad.analysis.geometry import hessian_spectral_norm, local_linearity_error, normalized_curvature
+from natgrad.analysis.geometry import (
+    hessian_spectral_norm,
+    local_linearity_error,
+    normalized_curvature,
+)
 
 
 def _tiny_conv() -> nn.Module:
@@ -31,10 +35,13 @@ def test_batched_hessian_norm_is_each_images_largest_eigenvalue():
 
     _, grad, norm = hessian_spectral_norm(loss_fn, x, iterations=300, generator=torch.Generator().manual_seed(2))
     for i in range(len(x)):
-        hessian = torch.autograd.functional.hessian(lambda xi: F.cross_entropy(model(xi[None]), y[i:i + 1]), x[i])
+        def single(xi, i=i):
+            return F.cross_entropy(model(xi[None]), y[i:i + 1])
+
+        hessian = torch.autograd.functional.hessian(single, x[i])
         expected = torch.linalg.eigvalsh(hessian.reshape(32, 32)).abs().max()
         assert norm[i].item() == pytest.approx(expected.item(), rel=1e-3)
-        single_grad = torch.autograd.functional.jacobian(lambda xi: F.cross_entropy(model(xi[None]), y[i:i + 1]), x[i])
+        single_grad = torch.autograd.functional.jacobian(single, x[i])
         assert torch.allclose(grad[i], single_grad)
     curvature = normalized_curvature(norm, grad)
     assert torch.allclose(curvature, norm / grad.flatten(1).norm(dim=1))

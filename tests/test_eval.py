@@ -142,8 +142,8 @@ def test_mismatched_checkpoint_and_transfer_source(trained, tmp_path, capsys):
 
 
 def test_sanity_report_reuses_the_evaluation_and_exports_robustbench(trained, tmp_path, monkeypatch):
-    import natgrad.engine.robustness as robustness
     from natgrad import config
+    from natgrad.engine import robustness
 
     calls = []
     real = robustness.evaluate_model

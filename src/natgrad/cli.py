@@ -93,7 +93,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from natgrad.analysis.analyze import AnalysisSettings, analyze, check_out, parse_analyses, write_analysis
+    from natgrad.analysis.analyze import (
+        AnalysisSettings,
+        analyze,
+        check_out,
+        parse_analyses,
+        write_analysis,
+    )
     from natgrad.engine import robustness as rb
     from natgrad.engine.distributed import setup
 

@@ -24,7 +24,12 @@ from torch.utils.data import Dataset
 
 from natgrad.analysis import statistics as st
 from natgrad.analysis.edges import log_correlation, sobel_energy
-from natgrad.analysis.geometry import hessian_spectral_norm, local_linearity_error, loss_and_gradient, normalized_curvature
+from natgrad.analysis.geometry import (
+    hessian_spectral_norm,
+    local_linearity_error,
+    loss_and_gradient,
+    normalized_curvature,
+)
 from natgrad.attacks import eval_mode, frozen_parameters, pgd
 from natgrad.errors import UserError, did_you_mean
 
@@ -86,7 +91,7 @@ def _gradients(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch
     l1, correct, fooled = [], [], []
     channels: list[torch.Tensor] | None = None
     for x, y in _batches(ds, s, device, "gradients"):
-        _, loss, g = loss_and_gradient(_ce(model, y), x)
+        _, _, g = loss_and_gradient(_ce(model, y), x)
         with torch.no_grad():
             correct.append((model(x).argmax(1) == y).cpu())
             fooled.append((model(_pgd(model, x, y, s.eps, s.pgd_steps)).argmax(1) != y).cpu())
