@@ -252,6 +252,7 @@ def write_analysis(summary: dict[str, Any], arrays: dict[str, Any], out: Path) -
         title = f"{summary.get('model', '')} ({summary.get('method', '')}, n={summary['n']})"
         summary = {**summary, "figures": draw_all(summary, arrays, tmp, title)}
         (tmp / "analysis.json").write_text(json.dumps(_finite_or_null(summary), indent=2, allow_nan=False))
+        tmp.chmod(0o755)  # mkdtemp makes it private; an analysis folder is as readable as its run folder
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
