@@ -199,3 +199,10 @@ def test_autoattack_resumes_from_its_state_folder(trained, tmp_path, monkeypatch
 
     monkeypatch.setattr(AutoAttack, "run_standard_evaluation", refuse)
     assert _eval(trained, tmp_path, *args)["results"] == first["results"]
+
+
+def test_default_eps_sweep_scales_with_the_recipe_and_stays_in_range():
+    assert rb.default_sweep_eps(4 / 255)[-1] == pytest.approx(32 / 255)
+    assert len(rb.default_sweep_eps(4 / 255)) == 17
+    wide = rb.default_sweep_eps(0.3)  # 0.3 / (4/255) x 32/255 = 2.4: clipped at 1
+    assert wide[0] == 0 and wide[-1] == 1.0 and wide == sorted(set(wide))

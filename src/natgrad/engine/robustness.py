@@ -197,9 +197,10 @@ def evaluate_model(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: C
 
 
 def default_sweep_eps(eps: float) -> list[float]:
-    """0 to 32/255 in steps of 2/255 (Figure 2), scaled by eps / (4/255) for other datasets."""
+    """0 to 32/255 in steps of 2/255 (Figure 2), scaled by eps / (4/255) for other datasets, at most 1."""
     scale = eps / REFERENCE_EPS
-    return [k * 2 / 255 * scale for k in range(17)]
+    grid = [min(1.0, k * 2 / 255 * scale) for k in range(17)]  # eps beyond 1 means nothing for [0, 1] images
+    return sorted(set(grid))
 
 
 def _eps_sweep(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings) -> dict:
