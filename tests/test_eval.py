@@ -147,7 +147,8 @@ def test_sanity_report_reuses_the_evaluation_and_exports_robustbench(trained, tm
 
     calls = []
     real = robustness.evaluate_model
-    monkeypatch.setattr(robustness, "evaluate_model", lambda m, d, s, c: calls.append(list(s.attacks)) or real(m, d, s, c))
+    monkeypatch.setattr(robustness, "evaluate_model",
+                        lambda m, d, s, c: calls.append((s.attacks, s.eps, s.pgd_steps)) or real(m, d, s, c))
     # eps 0.3: APGD-CE fools every image, so the rest of AutoAttack has nothing left to attack (fast)
     report = _eval(trained, tmp_path, "--attacks", "clean,pgd,autoattack", "--eps", "0.3", "--pgd-steps", "5",
                    "--sanity", "--source", str(trained), "--square-queries", "100")
@@ -160,7 +161,9 @@ def test_sanity_report_reuses_the_evaluation_and_exports_robustbench(trained, tm
     assert more["pgd-5"] == _acc(report, "pgd-5")  # reused, not attacked again
     assert more["change_points"] == pytest.approx(100 * abs(more["pgd-5"] - more["pgd-10"]))
     assert checks["black-box weaker"]["numbers"]["autoattack"] == _acc(report, "autoattack")
-    assert ["autoattack"] not in calls[1:], "the sanity checks ran AutoAttack a second time"
+    again = [c for c in calls[1:] if "autoattack" in c[0] or (c[0] == ["pgd"] and c[1:] == ([0.3], (5,)))]
+    assert not again, f"the sanity checks attacked again what the evaluation had: {again}"
+    assert (["pgd"], [0.3], (10,)) in calls[1:]  # the doubled step count is new
     cfg = config.load("fmnist-natural")
     cfg.eps = 0.3
     exported = rb.robustbench_info("tiny", cfg, report["results"])

@@ -320,14 +320,19 @@ def sanity_checks(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: Co
         return checks
 
     def run(attacks: list[str], **changes: Any) -> list[dict]:
+        """One row per attack, PGD step count and eps: from ``done`` where it is there, else attacked now."""
         eps_list = changes.pop("eps", [eps])
         steps = changes.pop("pgd_steps", s.pgd_steps)
-        names = [f"{a}-{k}" if a.startswith("pgd") else a for a in attacks for k in (steps if a.startswith("pgd") else [0])]
-        found = [_find(done or [], name, e, changes.get("aa_attacks")) for name in names for e in eps_list]
-        if all(found):
-            return found
-        return evaluate_model(model, ds, dataclasses.replace(s, attacks=attacks, eps=eps_list, pgd_steps=tuple(steps),
-                                                             **changes), ctx)["results"]
+        rows = []
+        for a in attacks:
+            for k in steps if a.startswith("pgd") else [None]:
+                for e in eps_list:
+                    row = _find(done or [], f"{a}-{k}" if k else a, e, changes.get("aa_attacks"))
+                    if row is None:  # per-batch seeds make a row the same whether made alone or with others
+                        one = dataclasses.replace(s, attacks=[a], eps=[e], pgd_steps=(k,) if k else s.pgd_steps, **changes)
+                        (row,) = evaluate_model(model, ds, one, ctx)["results"]
+                    rows.append(row)
+        return rows
 
     chance = 1.0 / num_classes
     big = min(1.0, 8 * eps)
