@@ -215,3 +215,14 @@ def test_interrupted_evaluation_resumes_after_the_last_finished_attack(
 
     with pytest.raises(UserError, match="eps"):
         autoattack(model, x, y, EPS / 2, version="custom", attacks=attacks, state_path=state)
+
+
+def test_square_check_applies_autoattacks_threshold_to_a_whole_breakdown():
+    from natgrad.attacks.autoattack import SQUARE_FLAG, square_warnings
+
+    def breakdown(square):
+        return [{"attack": "apgd-ce", "robust_acc": 0.600}, {"attack": "square", "robust_acc": square}]
+
+    assert square_warnings(0.9, breakdown(0.599)) == []  # 0.1 points: below the 0.2-point threshold
+    (flag,) = square_warnings(0.9, breakdown(0.590))
+    assert flag.startswith(SQUARE_FLAG) and "1.00%" in flag

@@ -66,6 +66,15 @@ def sum_over_processes(values: torch.Tensor, world: int) -> torch.Tensor:
     return values
 
 
+def gather_unique(items: list[str], world: int) -> list[str]:
+    """Every process's ``items``, merged in rank order without repeats (the same list on every rank)."""
+    if world == 1:
+        return list(dict.fromkeys(items))
+    gathered: list[list[str] | None] = [None] * world
+    dist.all_gather_object(gathered, items)
+    return list(dict.fromkeys(item for part in gathered for item in part or []))
+
+
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()

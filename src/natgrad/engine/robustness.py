@@ -25,7 +25,7 @@ from natgrad import data
 from natgrad.attacks import eval_mode, pgd
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
-from natgrad.engine.distributed import Context, sum_over_processes
+from natgrad.engine.distributed import Context, gather_unique, sum_over_processes
 from natgrad.errors import UserError, did_you_mean
 
 PER_EPS = ("clean", "pgd", "pgd-l2dir", "autoattack", "autoattack-plus", "autoattack-custom", "transfer")
@@ -235,7 +235,7 @@ def _steps_sweep(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings) -
 
 
 def _autoattack_row(model: nn.Module, ds: Dataset, ctx: Context, attack: str, eps: float, s: EvalSettings) -> dict:
-    from natgrad.attacks.autoattack import RESULT_NAMES, autoattack
+    from natgrad.attacks.autoattack import RESULT_NAMES, SQUARE_FLAG, autoattack, square_warnings
 
     version = {name: v for v, name in RESULT_NAMES.items()}[attack]
     if version == "custom" and not s.aa_attacks:
@@ -252,17 +252,19 @@ def _autoattack_row(model: nn.Module, ds: Dataset, ctx: Context, attack: str, ep
                          square_queries=s.square_queries)
         n = len(y)
         names = [p["attack"] for p in out["per_attack"]]
-        batch = torch.tensor([n, round(out["robust_acc"] * n)] + [round(p["robust_acc"] * n) for p in out["per_attack"]],
-                             dtype=torch.float64)
+        batch = torch.tensor([n, round(out["clean_acc"] * n), round(out["robust_acc"] * n)]
+                             + [round(p["robust_acc"] * n) for p in out["per_attack"]], dtype=torch.float64)
         counts = batch if counts is None else counts + batch
-        warnings += [w for w in out["warnings"] if w not in warnings]
+        # the Square check is redone below on the merged counts, where its threshold is meant to apply
+        warnings += [w for w in out["warnings"] if w not in warnings and not w.startswith(SQUARE_FLAG)]
     if counts is None:  # a process with no batch still joins the all-reduce
-        counts = torch.zeros(2 + len(_aa_names(version, s.aa_attacks)), dtype=torch.float64)
+        counts = torch.zeros(3 + len(_aa_names(version, s.aa_attacks)), dtype=torch.float64)
     counts = sum_over_processes(counts.to(ctx.device), ctx.world).cpu()
     total = int(counts[0])
     names = names or _aa_names(version, s.aa_attacks)
-    breakdown = [{"attack": name, "robust_acc": counts[2 + i].item() / max(total, 1)} for i, name in enumerate(names)]
-    return _row(attack, eps, total, int(counts[1]), version=version, per_attack=breakdown, warnings=warnings)
+    breakdown = [{"attack": name, "robust_acc": counts[3 + i].item() / max(total, 1)} for i, name in enumerate(names)]
+    warnings = gather_unique(warnings, ctx.world) + square_warnings(counts[1].item() / max(total, 1), breakdown)
+    return _row(attack, eps, total, int(counts[2]), version=version, per_attack=breakdown, warnings=warnings)
 
 
 def _aa_names(version: str, custom: list[str] | None) -> list[str]:
