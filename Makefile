@@ -23,7 +23,7 @@ data:
 	else echo "dataset-fashion-mnist not installed (needs root); natgrad will try torchvision's download"; fi
 
 demo: $(VENV)/.installed data
-	$(VENV)/bin/natgrad train fmnist-gradnorm epochs=1 data.limit_train=10000 data.limit_eval=500 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/natgrad demo --out runs/demo
 
 test: $(VENV)/.installed data
 	$(PY) -m pytest -q

@@ -14,7 +14,7 @@ from natgrad.demo import RECIPES, DemoSettings, run_demo
 from natgrad.engine.robustness import default_sweep_eps
 from natgrad.errors import UserError
 
-SMALL = DemoSettings(epochs=1, limit_train=256, limit_eval=64, n_eval=32, n_autoattack=4, autoattack_batch=2,
+SMALL = DemoSettings(epochs=1, limit_train=256, limit_eval=64, n_eval=32, n_sweep=16, n_autoattack=4, autoattack_batch=2,
                      square_queries=20, pgd_steps=2, n_analysis=8, power_iterations=2, bench_steps=1, bench_warmup=0,
                      overrides=(*TINY, "eps=0.3"))
 
@@ -39,7 +39,9 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
         run_demo(out, SMALL, progress=False, log=lines.append)
     trained = {r: (out / r / "summary.json").stat().st_mtime_ns for r in RECIPES}
     assert not (out / "report.html").exists()
-    assert json.loads((out / "demo.json").read_text())["stages"].keys() == {f"train {r}" for r in RECIPES}
+    saved = json.loads((out / "demo.json").read_text())
+    assert saved["stages"].keys() == {f"train {r}" for r in RECIPES} and "eval fmnist-natural" in saved["interrupted"]
+    assert "run the same command again" in lines[-1]
     monkeypatch.setattr(demo, "_evaluate", real_evaluate)
 
     lines.clear()
@@ -65,7 +67,7 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
         assert row["pgd_acc"] == by_attack["pgd-2"]["robust_acc"]
         sweep = ev["sweeps"]["eps"]
         assert sweep["eps"] == default_sweep_eps(0.3) and len(sweep["robust_acc"]) == len(sweep["eps"]) > 2
-        assert sweep["attack"] == "pgd-2" and sweep["n"] == 32 and sweep["robust_acc"][-1] <= sweep["robust_acc"][0]
+        assert sweep["attack"] == "pgd-2" and sweep["n"] == 16 and sweep["robust_acc"][-1] <= sweep["robust_acc"][0]
         assert (run / "eps-sweep.png").is_file() and not (run / "autoattack-state").exists()
         assert row["l1_mean"] == an["gradients"]["l1_mean"] and an["gradients"]["n"] == 8
         assert an["geometry"]["power_iterations"] == 2

@@ -38,16 +38,17 @@ class DemoSettings:
     demo's own keys; tests use them to run the whole pipeline on the tiny synthetic dataset.
     """
 
-    epochs: int = 1
-    limit_train: int = 10000  # training images per epoch
+    epochs: int = 2
+    limit_train: int = 30000  # training images per epoch
     limit_eval: int = 500  # images of training's own end-of-epoch evaluation
-    n_eval: int = 1000  # clean, PGD and the eps sweep
-    n_autoattack: int = 100  # standard AutoAttack, on the first images of the same fixed subset
+    n_eval: int = 1000  # clean and PGD-k at the recipe's eps
+    n_sweep: int = 500  # the PGD-k eps sweep
+    n_autoattack: int = 100  # standard AutoAttack
     autoattack_batch: int = 50  # AutoAttack batch: progress and resume per batch
     square_queries: int | None = None  # None: standard AutoAttack's 5000 (tests use fewer)
     pgd_steps: int = 10  # PGD-k for the eps column and the eps sweep
-    n_analysis: int = 200
-    power_iterations: int = 5  # Hessian power iterations (Table 6)
+    n_analysis: int = 500
+    power_iterations: int = 10  # Hessian power iterations (Table 6)
     bench_steps: int = 10
     bench_warmup: int = 2
     overrides: tuple[str, ...] = ()
@@ -130,10 +131,11 @@ def _evaluate(run: Path, s: DemoSettings, progress: bool) -> str:
     cfg = _run_config(run)
     ctx = setup(cfg.device)
     loaded = rb.load_model(run, device=ctx.device)
-    base = rb.EvalSettings(attacks=["clean", "pgd", "eps-sweep"], eps=[cfg.eps], pgd_steps=(s.pgd_steps,),
-                           progress=progress)
+    base = rb.EvalSettings(attacks=["clean", "pgd"], eps=[cfg.eps], pgd_steps=(s.pgd_steps,), progress=progress)
     t0 = time.perf_counter()
     out = rb.evaluate_model(loaded.model, rb.eval_dataset(cfg, s.n_eval), base, ctx)
+    sweep = rb.evaluate_model(loaded.model, rb.eval_dataset(cfg, s.n_sweep),
+                              dataclasses.replace(base, attacks=["eps-sweep"]), ctx)
     t1 = time.perf_counter()
     aa_settings = dataclasses.replace(base, attacks=["autoattack"], batch_size=s.autoattack_batch,
                                       state_dir=run / "autoattack-state", square_queries=s.square_queries)
@@ -142,14 +144,14 @@ def _evaluate(run: Path, s: DemoSettings, progress: bool) -> str:
     results = out["results"] + aa["results"]
     report = {"model": loaded.name, "weights": str(loaded.weights), "architecture": cfg.model.name,
               "method": cfg.method, "dataset": cfg.data.name, "n": s.n_eval, "autoattack_n": s.n_autoattack,
-              "world_size": ctx.world, "results": results, "sweeps": out["sweeps"]}
-    for kind, sweep in out["sweeps"].items():
-        rb.plot_sweep(sweep, kind, run / f"{kind}-sweep.png", f"{loaded.name} ({cfg.method}, n={sweep['n']})")
+              "sweep_n": s.n_sweep, "world_size": ctx.world, "results": results, "sweeps": sweep["sweeps"]}
+    for kind, curve in sweep["sweeps"].items():
+        rb.plot_sweep(curve, kind, run / f"{kind}-sweep.png", f"{loaded.name} ({cfg.method}, n={curve['n']})")
     if progress:
         print(rb.format_table(results), flush=True)
     ckpt.atomic_write_text(run / "eval.json", json.dumps(report, indent=2))
     shutil.rmtree(run / "autoattack-state", ignore_errors=True)
-    return f"clean, PGD and eps sweep {t1 - t0:.1f} s, AutoAttack {t2 - t1:.1f} s"
+    return f"clean, PGD-{s.pgd_steps} and eps sweep {t1 - t0:.1f} s, AutoAttack {t2 - t1:.1f} s"
 
 
 def _bench(out: Path, s: DemoSettings, progress: bool) -> None:
@@ -206,8 +208,8 @@ def _stages(out: Path, s: DemoSettings, progress: bool) -> list[Stage]:
     for recipe in RECIPES:
         run = out / recipe
         stages.append(Stage(
-            f"eval {recipe}", f"evaluating {recipe}: clean, PGD-{s.pgd_steps} and its eps sweep on {s.n_eval} images, "
-            f"AutoAttack standard on {s.n_autoattack}", lambda run=run: (run / "eval.json").is_file(),
+            f"eval {recipe}", f"evaluating {recipe}: clean and PGD-{s.pgd_steps} on {s.n_eval} images, eps sweep on "
+            f"{s.n_sweep}, AutoAttack standard on {s.n_autoattack}", lambda run=run: (run / "eval.json").is_file(),
             lambda run=run: _evaluate(run, s, progress)))
     stages.append(Stage("bench", f"cost of one training step: {', '.join(METHODS)} (median of {s.bench_steps} steps)",
                         lambda: (out / BENCH_FILE).is_file(), lambda: _bench(out, s, progress)))
@@ -287,10 +289,10 @@ def _notes(s: DemoSettings, eps: float | None) -> list[str]:
     return [
         (f"Short schedules: {_epochs(s)} of {s.limit_train} {dataset} training images per model, the same for "
          "the three methods; the numbers are far from those of converged models."),
-        (f"Clean accuracy on a fixed seeded subset of {s.n_eval} test images; AutoAttack (standard: APGD-CE, "
-         f"APGD-T, FAB-T, Square {s.square_queries or 5000} queries) at eps {eps_text} on {s.n_autoattack} of "
-         f"them (a small n: its standard error is up to {100 * 0.5 / s.n_autoattack ** 0.5:.0f} points); "
-         f"PGD-{s.pgd_steps} and its eps sweep on the {s.n_eval}."),
+        (f"Clean and PGD-{s.pgd_steps} accuracy on a fixed seeded subset of {s.n_eval} test images, the "
+         f"PGD-{s.pgd_steps} eps sweep on {s.n_sweep} and AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square "
+         f"{s.square_queries or 5000} queries) at eps {eps_text} on {s.n_autoattack} of them (a small n: its "
+         f"standard error is up to {100 * 0.5 / s.n_autoattack ** 0.5:.0f} points)."),
         ("Cost: median seconds of one full training step (batch of the recipe), as a ratio to PGD-3 training, "
          "measured interleaved on this machine."),
         f"Mean L1 norm of the loss input gradient on {s.n_analysis} test images (Table 1).",
@@ -344,8 +346,8 @@ def describe(s: DemoSettings) -> str:
     epochs = _epochs(s)
     lines = [
         f"  train    natural, GradNorm, PGD-3 {cfg.model.name}: {epochs} of {s.limit_train} {cfg.data.name} images each",
-        (f"  evaluate clean, PGD-{s.pgd_steps} at eps {cfg.eps:.4g} and a PGD-{s.pgd_steps} eps sweep (0 to "
-         f"{min(1.0, 8 * cfg.eps):.4g}) on a fixed subset of {s.n_eval} test images;"),
+        (f"  evaluate clean and PGD-{s.pgd_steps} at eps {cfg.eps:.4g} on a fixed subset of {s.n_eval} test images, "
+         f"a PGD-{s.pgd_steps} eps sweep (0 to {min(1.0, 8 * cfg.eps):.4g}) on {s.n_sweep} of them,"),
         (f"           AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square {s.square_queries or 5000} queries) "
          f"on {s.n_autoattack} of them"),
         f"  cost     one training step of each method, median of {s.bench_steps} interleaved steps",
@@ -389,11 +391,19 @@ def run_demo(out: Path | str = Path("runs/demo"), settings: DemoSettings | None 
             continue
         say(banner)
         t0 = time.perf_counter()
-        detail = stage.run()
+        before = state.setdefault("interrupted", {}).pop(stage.name, 0.0)  # time spent in runs that stopped
+        try:
+            detail = stage.run()
+        except BaseException:
+            state["interrupted"][stage.name] = round(before + time.perf_counter() - t0, 2)
+            _write_state(out, state)
+            say(f"natgrad demo: stopped during {stage.name}; run the same command again to continue from there")
+            raise
         seconds = time.perf_counter() - t0
-        state["stages"][stage.name] = round(seconds, 2)
+        state["stages"][stage.name] = round(before + seconds, 2)
         _write_state(out, state)
-        say(f"      {stage.name}: {seconds:.1f} s" + (f" ({detail})" if detail else ""))
+        say(f"      {stage.name}: {seconds:.1f} s" + (f" (+{before:.1f} s before it was interrupted)" if before else "")
+            + (f" ({detail})" if detail else ""))
     say(f"[{len(stages) + 1}/{len(stages) + 1}] report")
     rows = summary_rows(out)
     bench = _read_json(out / BENCH_FILE)
