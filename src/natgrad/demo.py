@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -323,19 +322,10 @@ def _demo_section(s: DemoSettings, rows: list[dict], pgd_steps: int | None, stag
 def write_demo_report(out: Path, s: DemoSettings, rows: list[dict], pgd_steps: int | None,
                       stage_seconds: dict[str, float]) -> Path:
     """``natgrad report`` of the three run folders with the demo's summary table at its top."""
-    from natgrad.engine.checkpoint import atomic_write_text
-    from natgrad.report import build_report
+    from natgrad.report import write_report
 
-    text = build_report([out / r for r in RECIPES])
     section = _demo_section(s, rows, pgd_steps, stage_seconds)
-    marker = "</header>\n"
-    text = text.replace(marker, marker + section, 1) if marker in text else text.replace("</main>", section + "</main>", 1)
-    path = out / REPORT_FILE
-    atomic_write_text(path, text.encode("ascii", "xmlcharrefreplace").decode("ascii"))
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-    return path
+    return write_report([out / r for r in RECIPES], out / REPORT_FILE, intro=[section])
 
 
 # ---------------------------------------------------------------------------- the demo

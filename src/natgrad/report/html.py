@@ -82,8 +82,8 @@ footer { margin-top: 48px; color: var(--muted); font-size: 12px; }
 """
 
 
-def build_report(run_dirs: Sequence[Path | str]) -> str:
-    """The HTML report comparing the run folders ``run_dirs``.
+def build_report(run_dirs: Sequence[Path | str], intro: Sequence[str] = ()) -> str:
+    """The HTML report comparing the run folders ``run_dirs``; ``intro``: HTML sections placed after the header.
 
     Raises:
         UserError: no folders, or a path that is not a natgrad run folder.
@@ -92,19 +92,19 @@ def build_report(run_dirs: Sequence[Path | str]) -> str:
     colors = _colors(runs)
     footer = ("<footer>Written by <code>natgrad report</code>. Accuracies are percentages of correctly classified "
               "images; \u2013 marks a value the run folder does not hold.</footer>")
-    body = [_header(runs, colors), _training(runs), _evaluation(runs, colors), _analysis(runs, colors), footer]
+    body = [_header(runs), *intro, _models(runs, colors), _training(runs), _evaluation(runs, colors), _analysis(runs, colors), footer]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>natgrad report: {_e(', '.join(r.label for r in runs))}</title>\n<style>{CSS}</style>\n</head>\n"
             "<body>\n<main>\n" + "\n".join(body) + "\n</main>\n</body>\n</html>\n")
 
 
-def write_report(run_dirs: Sequence[Path | str], out: Path) -> Path:
+def write_report(run_dirs: Sequence[Path | str], out: Path, intro: Sequence[str] = ()) -> Path:
     """Build the report and write it to ``out`` atomically (temp file, then rename); returns ``out``."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
-    text = build_report(run_dirs).encode("ascii", "xmlcharrefreplace").decode("ascii")  # any locale can write it
+    text = build_report(run_dirs, intro).encode("ascii", "xmlcharrefreplace").decode("ascii")  # any locale can write it
     try:
         atomic_write_text(out, text)
         umask = os.umask(0)
@@ -118,7 +118,7 @@ def write_report(run_dirs: Sequence[Path | str], out: Path) -> Path:
 # ---------------------------------------------------------------------------- sections
 
 
-def _header(runs: list[Run], colors: dict[int, str]) -> str:
+def _header(runs: list[Run]) -> str:
     import natgrad
 
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -127,8 +127,11 @@ def _header(runs: list[Run], colors: dict[int, str]) -> str:
                                                            ("evaluation", "Robust accuracy"),
                                                            ("analysis", "Natural input gradients")))
     return (f"<header>\n<h1>natgrad report</h1>\n<p class=\"meta\">{_e(now)} \u00b7 natgrad {_e(version)} \u00b7 "
-            f"{len(runs)} model{'s' if len(runs) != 1 else ''}</p>\n<nav>{nav}</nav>\n</header>\n"
-            f"<section id=\"models\">\n<h2>Models</h2>\n{_table(tables.models_table(runs), colors)}\n</section>")
+            f"{len(runs)} model{'s' if len(runs) != 1 else ''}</p>\n<nav>{nav}</nav>\n</header>\n")
+
+
+def _models(runs: list[Run], colors: dict[int, str]) -> str:
+    return f"<section id=\"models\">\n<h2>Models</h2>\n{_table(tables.models_table(runs), colors)}\n</section>"
 
 
 def _training(runs: list[Run]) -> str:
