@@ -47,6 +47,29 @@ def test_json_holds_the_contract(result):
         assert m["relative_to_pgd"] == m["seconds_per_step"] / result["methods"]["pgd"]["seconds_per_step"]
         assert m["peak_memory_bytes"] is None or m["peak_memory_bytes"] >= 0
     assert result["methods"]["pgd"]["relative_to_pgd"] == 1.0
+    flops = {name: m["flops"] for name, m in result["methods"].items()}
+    for name, m in result["methods"].items():
+        assert m["flops_relative_to_pgd"] == flops[name] / flops["pgd"]
+    # natural F+B < FGSM 2F+2B < double backprop < PGD-3 4F+4B, on the same model and batch
+    assert 0 < flops["natural"] < flops["fgsm"] < flops["gradnorm"] < flops["pgd"]
+
+
+def test_flops_are_counted_against_the_formula():
+    n, i, o = 5, 7, 3
+    layer = torch.nn.Linear(i, o, bias=False)
+    x = torch.rand(n, i, requires_grad=True)
+    with bench.CountFlops() as counter:
+        out = layer(x)
+    assert counter.total == 2 * n * i * o  # one multiply and one add per weight and image
+    with bench.CountFlops() as counter:
+        out.sum().backward()  # the input's and the weight's gradient: two more products
+    assert counter.total == 2 * 2 * n * i * o
+    with bench.CountFlops() as counter:
+        (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        # double backprop: forward, input gradient, then back to the weight through the input
+        # gradient's graph (two products) and through the forward's (one, the weight's only)
+        torch.autograd.grad(grad.abs().sum(), layer.weight)
+    assert counter.total == 5 * 2 * n * i * o
 
 
 def test_no_ratio_without_pgd_and_the_table(capsys):

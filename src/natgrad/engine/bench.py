@@ -13,7 +13,10 @@ Per method, before any timed step:
    graph of that first backward in one traversal: that is one backward, so a GradNorm step counts
    1 forward + 2 backward. A backward that also runs through the graph of an earlier backward (the
    costly part of double backprop, roughly a forward and a backward more of work) is counted
-   once more in ``double_backward`` (1 for GradNorm and edge, 0 for the others).
+   once more in ``double_backward`` (1 for GradNorm and edge, 0 for the others). The same step
+   counts floating-point operations of the matrix products and convolutions (forward, backward
+   and double backward kernels alike) with ``torch.utils.flop_counter``: the work that a faster
+   implementation cannot avoid, against which the measured time ratio can be read.
 2. one step whose peak memory is measured: the peak increase over the memory held just before
    the step (weights, optimizer state and batch, of every method, are resident and excluded).
    On CUDA it is the allocator's peak (``torch.cuda.max_memory_allocated``). On CPU it is the
@@ -48,6 +51,8 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.utils import dispatch_clip_grad
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from tqdm.auto import tqdm
 
 from natgrad import config, data, models, objectives
@@ -156,6 +161,26 @@ def count_passes(model: nn.Module) -> Iterator[PassCounts]:
     finally:
         for h in handles:
             h.remove()
+
+
+class CountFlops(TorchDispatchMode):
+    """Floating-point operations of the kernels ``torch.utils.flop_counter`` knows (matrix products,
+    convolutions and their backward kernels, attention) run while the block is active.
+
+    ``FlopCounterMode`` itself also tracks modules with hooks that ``torch.autograd.grad`` rejects.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
 
 
 # ---------------------------------------------------------------------------- memory
@@ -355,11 +380,12 @@ def run_bench(settings: BenchSettings) -> dict:
     steps = build_steps(cfg, methods, model, device)
     del model
 
-    passes, memory = {}, {}
+    passes, memory, flops = {}, {}, {}
     for name, step in steps.items():
-        with count_passes(step.model) as counts:
+        with count_passes(step.model) as counts, CountFlops() as flop_counter:
             step(x, y)
         passes[name] = counts.as_dict()
+        flops[name] = flop_counter.total
         memory[name] = peak_memory(functools.partial(step, x, y), device)
 
     seconds: dict[str, list[float]] = {name: [] for name in methods}
@@ -381,14 +407,15 @@ def run_bench(settings: BenchSettings) -> dict:
         "methods": {name: {
             "seconds_per_step": medians[name], "seconds_all": seconds[name], "passes": passes[name],
             "peak_memory_bytes": memory[name], "relative_to_pgd": None if pgd is None else medians[name] / pgd,
+            "flops": flops[name], "flops_relative_to_pgd": None if "pgd" not in flops else flops[name] / flops["pgd"],
         } for name in methods},
     }
 
 
 def format_table(result: dict) -> str:
-    """The result as a terminal table: method, s/step, ratio to PGD-k, passes, peak memory."""
+    """The result as a terminal table: method, s/step, ratio to PGD-k, passes, conv/matmul work, peak memory."""
     pgd_label = f"PGD-{result['pgd_steps']}"
-    header = ("method", "s/step", f"vs {pgd_label}", "passes", "peak MB")
+    header = ("method", "s/step", f"vs {pgd_label}", "passes", "GFLOP", f"vs {pgd_label}", "peak MB")
     rows = [header]
     for name, m in result["methods"].items():
         p = m["passes"]
@@ -398,6 +425,8 @@ def format_table(result: dict) -> str:
             f"{m['seconds_per_step']:.4f}",
             "-" if m["relative_to_pgd"] is None else f"{m['relative_to_pgd']:.3f}",
             passes,
+            f"{m['flops'] / 1e9:.2f}",
+            "-" if m["flops_relative_to_pgd"] is None else f"{m['flops_relative_to_pgd']:.3f}",
             "-" if m["peak_memory_bytes"] is None else f"{m['peak_memory_bytes'] / 2**20:.1f}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -408,5 +437,5 @@ def format_table(result: dict) -> str:
     return "\n".join([title, *lines])
 
 
-__all__ = ["BenchSettings", "MethodStep", "PassCounts", "build_steps", "count_passes", "format_table",
+__all__ = ["BenchSettings", "CountFlops", "MethodStep", "PassCounts", "build_steps", "count_passes", "format_table",
            "peak_memory", "run_bench"]
