@@ -78,3 +78,19 @@ def test_mixup_gives_soft_targets():
     xm, ym = mixup(x, y)
     assert ym.shape == (8, 10) and torch.allclose(ym.sum(1), torch.ones(8))
     assert xm.min() >= 0 and xm.max() <= 1
+
+
+def test_rand_augment_at_full_severity_works_with_current_pillow():
+    """timm's increasing-severity Posterize keeps 0 bits at magnitude 10: a black image, not Pillow's error."""
+    from PIL import Image
+
+    from natgrad import config, data
+
+    cfg = config.load("cifar10-prn18-gradnorm", ["aug.rand_augment=rand-m10-n8-inc1-mstd0"])
+    transform = data.train_transform("cifar10", cfg.aug, data.info(cfg.data))
+    image = Image.new("RGB", (32, 32), (200, 100, 50))
+    for _ in range(20):  # 8 ops per image at magnitude 10: Posterize comes up
+        out = transform(image)
+        assert out.shape == (3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    assert data._posterize(image, 0).getextrema() == ((0, 0),) * 3
+    assert data._posterize(image, 8) is image

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, run_cli
 
-from natgrad import demo
+from natgrad import demo, pipeline
 from natgrad.demo import RECIPES, DemoSettings, run_demo
 from natgrad.engine.robustness import default_sweep_eps
 from natgrad.errors import UserError
@@ -30,12 +30,12 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     lines: list[str] = []
 
     # An interruption during the first evaluation: training is done and kept.
-    real_evaluate = demo._evaluate
+    real_evaluate = pipeline.eval_stage
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "_evaluate", interrupted)
+    monkeypatch.setattr(pipeline, "eval_stage", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_demo(out, SMALL, progress=False, log=lines.append)
     trained = {r: (out / r / "summary.json").stat().st_mtime_ns for r in RECIPES}
@@ -43,14 +43,14 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     saved = json.loads((out / "demo.json").read_text())
     assert saved["stages"].keys() == {f"train {r}" for r in RECIPES} and "eval fmnist-natural" in saved["interrupted"]
     assert "run the same command again" in lines[-1]
-    monkeypatch.setattr(demo, "_evaluate", real_evaluate)
+    monkeypatch.setattr(pipeline, "eval_stage", real_evaluate)
 
     lines.clear()
     state = run_demo(out, SMALL, progress=False, log=lines.append)
     text = "\n".join(lines)
     # says up front which n and attacks it uses, then one banner per stage
     assert "AutoAttack standard" in text and "on 4 of them" in text and "32 test images" in text
-    assert "[1/11] training fmnist-natural (1 epoch, 256 images): done before, skipped" in text
+    assert "[1/11] training fmnist-natural (1 epoch of 256 training images): done before, skipped" in text
     assert "[4/11] evaluating fmnist-natural" in text and "[11/11] report" in text
     assert {r: (out / r / "summary.json").stat().st_mtime_ns for r in RECIPES} == trained  # not trained again
 
@@ -118,11 +118,11 @@ def test_demo_refuses_other_settings(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "demo.json").write_text(json.dumps({"format": demo.MARKER, "settings": SMALL.as_json(), "stages": {}}))
-    assert demo.check_out(out, SMALL)["stages"] == {}
+    assert demo.check_demo_out(out, SMALL)["stages"] == {}
     other = DemoSettings(**{**SMALL.__dict__, "n_autoattack": 16})
     with pytest.raises(UserError, match="other settings.*n_autoattack: 4 -> 16"):
         run_demo(out, other, progress=False, log=lambda _: None)
     assert [p.name for p in out.iterdir()] == ["demo.json"]
     (out / "demo.json").write_text("{}")
     with pytest.raises(UserError, match="did not write"):
-        demo.check_out(out, SMALL)
+        demo.check_demo_out(out, SMALL)

@@ -196,6 +196,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from natgrad.reproduce import run_reproduce
+
+    run_reproduce(args.dataset, args.out, budget=args.budget, overrides=tuple(args.overrides), progress=not args.quiet)
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     if args.keys:
         defaults = config.flatten(config.to_dict(config.RunConfig()))
@@ -302,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "2-core CPU. Run again on the same DIR to continue where it stopped."))
     d.add_argument("--out", metavar="DIR", default="runs/demo", help="the demo folder (default runs/demo)")
     d.set_defaults(func=_cmd_demo)
+    r = sub.add_parser("reproduce", help="the paper's experiment grid on a dataset, with a verdict for each claim",
+                       description=("Train, evaluate (clean, PGD, eps sweep, AutoAttack standard), bench and analyze "
+                                    "the paper's grid of models on DATASET, then check each claim of the paper against "
+                                    "the measured numbers: DIR/CLAIMS.md, DIR/results.json, DIR/report.html. Run "
+                                    "again on the same DIR to continue where it stopped. key=value arguments "
+                                    "override every recipe (e.g. data.root=/data/imagenet)."))
+    r.add_argument("dataset", help="fmnist, cifar10 or imagenet")
+    r.add_argument("--out", metavar="DIR", help="the folder (default runs/reproduce-DATASET-BUDGET)")
+    r.add_argument("--budget", default="full", help="short or full (default full)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=_cmd_reproduce)
     return parser
 
 
@@ -313,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [a for a in extra if a.startswith("-") or "=" not in a]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like key=value)")
-        if extra and args.command not in ("train", "bench"):
+        if extra and args.command not in ("train", "bench", "reproduce"):
             parser.error(f"{args.command} takes no key=value overrides")
         args.overrides = extra
         return args.func(args)

@@ -215,6 +215,35 @@ def _uses_augmentation(aug: AugConfig) -> bool:
     return bool(aug.rand_augment or aug.color_jitter or aug.hflip > 0 or aug.reprob > 0)
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize with Pillow < 11's answer for 0 bits (a black image) where newer Pillow raises."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow_safe(transform: Callable) -> Callable:
+    """Make timm's RandAugment in ``transform`` (a Compose, or RandAugment itself) work with current Pillow.
+
+    With increasing severity (``inc1``, the DeiT/Swin recipe) and a magnitude at its maximum, timm keeps 0
+    bits in Posterize; Pillow 11 and later refuse 0 bits where earlier versions returned a black image,
+    so training would stop on a random image. The recipe's augmentation is kept as it was designed.
+    """
+    from timm.data import auto_augment
+
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+        if hasattr(t, "transforms"):
+            _pillow_safe(t)
+    return transform
+
+
 def train_transform(name: str, aug: AugConfig, di: DataInfo) -> Callable | None:
     """PIL -> [0, 1] tensor with the recipe's timm augmentation; None where there is nothing to do."""
     from torchvision import transforms as T
@@ -223,10 +252,10 @@ def train_transform(name: str, aug: AugConfig, di: DataInfo) -> Callable | None:
     if name == "imagenet":
         from timm.data import transforms_imagenet_train
 
-        steps.append(transforms_imagenet_train(
+        steps.append(_pillow_safe(transforms_imagenet_train(
             di.image_size, hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.rand_augment,
             interpolation=aug.interpolation, mean=(0.0,) * 3, std=(1.0,) * 3, re_prob=0.0,
-        ))
+        )))
     else:
         if not _uses_augmentation(aug):
             return None
@@ -238,7 +267,8 @@ def train_transform(name: str, aug: AugConfig, di: DataInfo) -> Callable | None:
             from timm.data.auto_augment import rand_augment_transform
 
             fill = tuple(round(255 * m) for m in di.mean)
-            steps.append(rand_augment_transform(aug.rand_augment, {"img_mean": fill if len(fill) == 3 else fill[0]}))
+            steps.append(_pillow_safe(rand_augment_transform(aug.rand_augment,
+                                                             {"img_mean": fill if len(fill) == 3 else fill[0]})))
         steps.append(T.ToTensor())
     if aug.reprob > 0:
         steps.append(PixelSpaceErasing(aug, di.mean, di.std))
