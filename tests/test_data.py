@@ -1,11 +1,13 @@
 """Data: Fashion-MNIST reading, fixed subsets, global batches that do not depend on the world size."""
 
 import gzip
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
 from natgrad import config, data
@@ -94,3 +96,41 @@ def test_rand_augment_at_full_severity_works_with_current_pillow():
         assert out.shape == (3, 32, 32) and 0 <= out.min() and out.max() <= 1
     assert data._posterize(image, 0).getextrema() == ((0, 0),) * 3
     assert data._posterize(image, 8) is image
+
+
+def _image_tree(root, bad: int) -> None:
+    """train/ and val/ ImageFolder trees of 28x28 PNGs, with ``bad`` unreadable files in train/ and one in val/."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    good = (root / "train" / "a" / "0.png").read_bytes()
+    corrupt = [b"not an image at all", good[: len(good) // 2]]  # garbage, and a truncated PNG
+    for i in range(bad):
+        (root / "train" / "b" / f"bad{i}.png").write_bytes(corrupt[i % 2])
+    (root / "val" / "a" / "bad.png").write_bytes(corrupt[0])
+
+
+IMAGE_TREE_ARGS = ["data.name=imagenet", "data.image_size=28", "data.limit_eval=null", "batch_size=6",
+                   "eval.pgd_steps=1", "epochs=2", "device=cpu", "--quiet"]
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
+    _image_tree(tmp_path / "tree", bad=2)
+    out = tmp_path / "run"
+    args = ["train", "fmnist-natural", f"data.root={tmp_path / 'tree'}", *IMAGE_TREE_ARGS, "data.max_unreadable=2"]
+    code, err = run_cli([*args, "--out", str(out)], capsys)
+    assert code == 0, err
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["unreadable_images"] for m in metrics] == [2, 2]  # both bad files, in each epoch
+    assert metrics[-1]["eval_n"] == 9  # val/ has 9 files; the unreadable one is replaced by a readable image
+
+    code, err = run_cli([*args[:-1], "data.max_unreadable=1", "--out", str(tmp_path / "strict")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "2 unreadable images skipped in epoch 1, more than data.max_unreadable=1" in err

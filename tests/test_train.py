@@ -1,6 +1,8 @@
-"""The training engine: run folder, exact resume, evaluation, non-finite losses."""
+"""The training engine: run folder, exact resume, evaluation, non-finite losses, preemption."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from natgrad import config, data, objectives
 from natgrad.engine.checkpoint import load_weights
 from natgrad.engine.train import build_model
 from natgrad.objectives.natural import Natural
+from natgrad.objectives.pgd import PGDTraining
 
 
 def test_run_folder_and_metrics(tmp_path):
@@ -97,3 +100,59 @@ def test_init_starts_from_saved_weights_and_refuses_a_mismatch(tmp_path, capsys)
                         capsys)
     assert code == 2 and "does not fit this model" in err and len(err.strip().splitlines()) == 1
     assert not bad.exists()
+
+
+@pytest.mark.parametrize("signum,at_step,when", [
+    (signal.SIGTERM, 5, "at step 5 (epoch 1)"),
+    (signal.SIGINT, 8, "after epoch 1"),  # during an epoch's last step: the epoch is finished and evaluated first
+])
+def test_a_signal_checkpoints_the_current_step_and_resume_finishes_bit_for_bit(tmp_path, monkeypatch, capsys,
+                                                                               signum, at_step, when):
+    args = ["train", "fmnist-natural", *TINY, "epochs=2", "method=pgd", "attack.random_start=true", "ema=true",
+            "--quiet"]
+    assert run_cli(args + ["--out", str(tmp_path / "full")])[0] == 0
+
+    class SignalledAt(PGDTraining):
+        calls = 0
+
+        def __call__(self, x, y, epoch_fraction=0.0):
+            SignalledAt.calls += 1
+            if SignalledAt.calls == at_step:
+                os.kill(os.getpid(), signum)  # as the scheduler or Ctrl-C would, in the middle of a step
+            return super().__call__(x, y, epoch_fraction)
+
+    monkeypatch.setitem(objectives.REGISTRY, "pgd", SignalledAt)
+    previous = signal.getsignal(signum)
+    out = tmp_path / "stopped"
+    code, err = run_cli(args + ["--out", str(out)], capsys)
+    assert code == 128 + signum and len(err.strip().splitlines()) == 1
+    assert f"stopped by {signal.Signals(signum).name} {when}" in err and "--resume" in err
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == at_step
+    assert signal.getsignal(signum) is previous, "the handler is put back"
+    monkeypatch.setitem(objectives.REGISTRY, "pgd", PGDTraining)
+    assert run_cli(args + ["--resume", "--out", str(out)])[0] == 0
+    assert_same_weights(weights(tmp_path / "full"), weights(out))
+    assert_same_weights(weights(tmp_path / "full", "model_ema.safetensors"), weights(out, "model_ema.safetensors"))
+
+
+def test_non_finite_steps_can_be_skipped_and_are_counted(tmp_path, capsys):
+    class NaNAtSomeSteps(Natural):
+        calls = 0
+
+        def __call__(self, x, y, epoch_fraction=0.0):
+            NaNAtSomeSteps.calls += 1
+            out = super().__call__(x, y, epoch_fraction)
+            if NaNAtSomeSteps.calls in (3, 6, 11):
+                out["loss"] = out["loss"] * float("inf")
+            return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(objectives.REGISTRY, "natural", NaNAtSomeSteps)
+        out = tmp_path / "run"
+        assert run_cli(["train", "fmnist-natural", *TINY, "epochs=2", "on_nonfinite=skip", "--out", str(out),
+                        "--quiet"], capsys)[0] == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("skipped_steps") for m in metrics] == [2, 1]  # 8 steps per epoch: steps 3, 6 | 11
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
+    code, err = run_cli(["train", "fmnist-natural", *TINY, "on_nonfinite=ignore", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "on_nonfinite='ignore' is not one of stop, skip" in err and not (tmp_path / "x").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from natgrad import config
 from natgrad.analysis.analyze import ANALYSES
-from natgrad.errors import UserError
+from natgrad.errors import Preempted, UserError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # argparse's own errors and --help
         return int(e.code or 0)
+    except Preempted as e:
+        print(f"natgrad: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("natgrad: interrupted", file=sys.stderr)
         return 130

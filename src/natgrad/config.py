@@ -39,6 +39,7 @@ class DataConfig:
     num_workers: int = 0
     image_size: int | None = None  # imagenet crop size (224) or synthetic side length
     val_subset: str | None = None  # imagenet: file listing validation images (paths relative to val/)
+    max_unreadable: int = 100  # imagenet: unreadable images skipped per epoch before training stops with an error
     download: bool = False  # let torchvision download cifar10 / fashion-mnist when missing
     synthetic_size: int = 512  # synthetic: number of training images
     channels: int = 1  # synthetic: image channels
@@ -150,6 +151,7 @@ class RunConfig:
     ema_decay: float = 0.9998
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
     stop_after: int | None = None  # stop after this many epochs in this invocation (resume later)
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient: stop (keeping the last checkpoint) or skip the step
     init: str | None = None  # start from these weights: a .safetensors file or a run folder (fine-tuning)
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
@@ -163,7 +165,7 @@ class RunConfig:
 
 
 # Keys that may differ between a run and its --resume without changing what it computes.
-RESUME_FREE_KEYS = ("stop_after", "device", "data.num_workers", "data.root", "description")
+RESUME_FREE_KEYS = ("stop_after", "on_nonfinite", "device", "data.num_workers", "data.root", "description")
 
 
 # ---------------------------------------------------------------------------- recipes
@@ -400,6 +402,8 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be at least 1")
     _check(cfg.lr > 0, f"lr={cfg.lr} must be positive")
     _check(cfg.stop_after is None or cfg.stop_after >= 1, f"stop_after={cfg.stop_after} must be at least 1")
+    _check(cfg.data.max_unreadable >= 0, f"data.max_unreadable={cfg.data.max_unreadable} must be 0 or more")
+    _check(cfg.on_nonfinite in ("stop", "skip"), f"on_nonfinite={cfg.on_nonfinite!r} is not one of stop, skip")
     _check(cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be 0 (epoch ends) or a number of steps")
     _check(0.0 < cfg.ema_decay < 1.0, f"ema_decay={cfg.ema_decay} must be in (0, 1)")
     for key in ("data.limit_train", "data.limit_eval"):

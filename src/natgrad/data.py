@@ -175,6 +175,39 @@ def _synthetic(cfg: DataConfig, split: str, seed: int) -> tuple[np.ndarray, np.n
     return (images[..., 0] if cfg.channels == 1 else images), labels
 
 
+class SkipUnreadable(Dataset):
+    """An image-folder dataset whose unreadable images (corrupt, truncated, not images) are replaced by the
+    next readable one and counted in :attr:`unreadable`, shared with DataLoader workers (forked)."""
+
+    ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises for bad files (UnidentifiedImageError is an OSError)
+
+    def __init__(self, ds: Dataset):
+        import multiprocessing
+
+        self.ds = ds
+        self.unreadable = multiprocessing.Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int):
+        for k in range(len(self.ds)):
+            try:
+                return self.ds[(index + k) % len(self.ds)]
+            except self.ERRORS:
+                if k == 0:  # the image asked for; the ones tried in its place are counted when asked for
+                    with self.unreadable.get_lock():
+                        self.unreadable.value += 1
+        raise UserError("no image of the dataset can be read; check data.root")
+
+
+def unreadable_count(ds: Dataset) -> int:
+    """Unreadable images skipped so far by ``ds`` (a :class:`SkipUnreadable`, possibly in a Subset), else 0."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds.unreadable.value if isinstance(ds, SkipUnreadable) else 0
+
+
 def _imagenet(cfg: DataConfig, split: str, transform: Callable) -> Dataset:
     import torchvision
 
@@ -183,10 +216,10 @@ def _imagenet(cfg: DataConfig, split: str, transform: Callable) -> Dataset:
     folder = Path(cfg.root) / ("train" if split == "train" else "val")
     if not folder.is_dir():
         raise UserError(f"{folder} does not exist; data.root must hold train/ and val/ ImageFolder trees")
-    ds = torchvision.datasets.ImageFolder(str(folder), transform=transform)
+    ds = SkipUnreadable(torchvision.datasets.ImageFolder(str(folder), transform=transform))
     if split != "train" and cfg.val_subset:
         wanted = {line.strip() for line in Path(cfg.val_subset).read_text().splitlines() if line.strip()}
-        keep = [i for i, (p, _) in enumerate(ds.samples) if os.path.relpath(p, folder) in wanted or Path(p).name in wanted]
+        keep = [i for i, (p, _) in enumerate(ds.ds.samples) if os.path.relpath(p, folder) in wanted or Path(p).name in wanted]
         if not keep:
             raise UserError(f"none of the images listed in {cfg.val_subset} are in {folder}; list paths relative to val/")
         ds = Subset(ds, keep)
@@ -250,7 +283,7 @@ def train_transform(name: str, aug: AugConfig, di: DataInfo) -> Callable | None:
 
     steps: list[Callable] = []
     if name == "imagenet":
-        from timm.data import transforms_imagenet_train
+        from timm.data.transforms_factory import transforms_imagenet_train
 
         steps.append(_pillow_safe(transforms_imagenet_train(
             di.image_size, hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.rand_augment,
@@ -278,7 +311,7 @@ def train_transform(name: str, aug: AugConfig, di: DataInfo) -> Callable | None:
 def eval_transform(name: str, aug: AugConfig, di: DataInfo) -> Callable | None:
     if name != "imagenet":
         return None
-    from timm.data import transforms_imagenet_eval
+    from timm.data.transforms_factory import transforms_imagenet_eval
 
     return transforms_imagenet_eval(di.image_size, interpolation=aug.interpolation, mean=(0.0,) * 3, std=(1.0,) * 3)
 

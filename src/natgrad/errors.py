@@ -9,6 +9,14 @@ class NonFiniteLossError(UserError):
     """Training produced a non-finite loss; the last good checkpoint is kept."""
 
 
+class Preempted(Exception):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint at the current step."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's code for a process ended by that signal
+
+
 def check_choice(name: str, value: str, choices) -> None:
     """Raise a :class:`UserError` naming the choices (and the closest one) unless ``value`` is one of them."""
     if value not in choices:

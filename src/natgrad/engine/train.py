@@ -16,6 +16,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,16 +28,16 @@ import torch
 import yaml
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from timm.utils import ModelEmaV3, dispatch_clip_grad
+from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from natgrad import config as config_mod
 from natgrad import data, models, objectives
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
-from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup
+from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup, sum_over_processes
 from natgrad.engine.evaluate import evaluate
-from natgrad.errors import NonFiniteLossError, UserError
+from natgrad.errors import NonFiniteLossError, Preempted, UserError
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 MIN_FREE_BYTES = 64 * 2**20
@@ -119,8 +121,16 @@ def _autocast(ctx: Context, cfg: RunConfig):
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train as configured into the run folder ``out``; returns the summary written to ``summary.json``."""
-    out = Path(out)
+    """Train as configured into the run folder ``out``; returns the summary written to ``summary.json``.
+
+    SIGTERM or SIGINT stops training at the next step boundary with a checkpoint of that step, and
+    raises :class:`~natgrad.errors.Preempted`; ``resume=True`` continues from it bit-for-bit.
+    """
+    with _StopSignals() as signals:
+        return _train(cfg, Path(out), resume, progress, signals)
+
+
+def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _StopSignals) -> dict:
     config_mod.validate(cfg)
     ctx = setup(cfg.device)
     if ctx.device.type == "cpu":
@@ -195,6 +205,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
         bar = tqdm(loader, total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (progress and ctx.is_main), dynamic_ncols=True)
         t0 = time.perf_counter()
+        unreadable_before = data.unreadable_count(train_ds)
         for x, y in bar:
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             if mixup is not None:
@@ -204,28 +215,51 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
             with _autocast(ctx, cfg):
                 result = objective(x, y, epoch_fraction=step / steps_per_epoch)
             loss = result["loss"]
-            if not torch.isfinite(loss.detach()):
-                parts = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (epoch {epoch + 1}): loss={loss.item()}, {parts}; "
-                    f"the last good checkpoint is kept in {out / CHECKPOINT}; lower lr or the regularization weight")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            all_reduce_gradients(model, ctx.world)
-            if cfg.optim.clip_grad:
-                dispatch_clip_grad(model.parameters(), cfg.optim.clip_grad, mode="norm")
-            optimizer.step()
-            step += 1
-            if ema is not None:
-                ema.update(model, step=step)
-            for k, v in result.items():
-                if isinstance(v, float):
-                    sums[k] = sums.get(k, 0.0) + v
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            sums["steps"] = sums.get("steps", 0) + 1
+            fault = None if _finite(loss.detach(), ctx) else "loss"
+            if fault is None:
+                loss.backward()
+                all_reduce_gradients(model, ctx.world)
+                # the gradient norm, clipped where the recipe asks (max_norm inf leaves the gradients as they are)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
+                fault = None if _finite(grad_norm, ctx) else "gradient"
+            if fault is not None:
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
+                where = f"non-finite {fault} at step {step} (epoch {epoch + 1}): loss={loss.item()}, {parts}"
+                if cfg.on_nonfinite == "stop":
+                    raise NonFiniteLossError(f"{where}; the last good checkpoint is kept in {out / CHECKPOINT}; lower lr "
+                                             "or the regularization weight, or set on_nonfinite=skip")
+                optimizer.zero_grad(set_to_none=True)  # skipped: the parameters and EMA stay as they were
+                sums["skipped_steps"] = sums.get("skipped_steps", 0) + 1
+                if ctx.is_main and progress:
+                    tqdm.write(f"natgrad: skipped the step ({where})")
+                step += 1
+            else:
+                optimizer.step()
+                step += 1
+                if ema is not None:
+                    ema.update(model, step=step)
+                for k, v in result.items():
+                    if isinstance(v, float):
+                        sums[k] = sums.get(k, 0.0) + v
+                sums["loss"] = sums.get("loss", 0.0) + loss.item()
+                sums["steps"] = sums.get("steps", 0) + 1
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{sums['loss'] / sums['steps']:.4f}",
                             img_s=f"{(step - epoch * steps_per_epoch - start) * cfg.batch_size / max(dt, 1e-9):.0f}")
+            unreadable = data.unreadable_count(train_ds) - unreadable_before
+            if unreadable > cfg.data.max_unreadable:
+                raise UserError(f"{unreadable} unreadable images skipped in epoch {epoch + 1}, more than "
+                                f"data.max_unreadable={cfg.data.max_unreadable}; check the files under {cfg.data.root} "
+                                f"or raise the limit (the last good checkpoint is kept in {out / CHECKPOINT})")
+            stop = signals.received(ctx)
+            if stop is not None and step % steps_per_epoch:  # at an epoch's end the epoch is finished first
+                elapsed += time.perf_counter() - t0
+                save_checkpoint()
+                bar.close()
+                raise Preempted(f"stopped by {signal.Signals(stop).name} at step {step} (epoch {epoch + 1}); the "
+                                f"checkpoint is saved in {out / CHECKPOINT}: run the same command with --resume to "
+                                "continue", stop)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 elapsed += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -236,6 +270,10 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
         metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step}
         n_steps = max(sums.pop("steps", 1), 1)
         metrics["train_loss"] = sums.pop("loss", math.nan) / n_steps
+        if data.unreadable_count(train_ds) > unreadable_before:
+            metrics["unreadable_images"] = data.unreadable_count(train_ds) - unreadable_before
+        if "skipped_steps" in sums:
+            metrics["skipped_steps"] = sums.pop("skipped_steps")
         metrics.update({f"train_{k}": v / n_steps for k, v in sums.items()})
         sums = {}
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
@@ -257,6 +295,10 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
             if progress:
                 print(_epoch_line(metrics, cfg.epochs), flush=True)
         epochs_this_run += 1
+        stop = signals.received(ctx)
+        if stop is not None and epoch + 1 < cfg.epochs:
+            raise Preempted(f"stopped by {signal.Signals(stop).name} after epoch {epoch + 1}; the checkpoint is saved "
+                            f"in {out / CHECKPOINT}: run the same command with --resume to continue", stop)
         if cfg.stop_after is not None and epochs_this_run >= cfg.stop_after and epoch + 1 < cfg.epochs:
             if ctx.is_main and progress:
                 print(f"natgrad: stopped after {epochs_this_run} epoch(s) as asked; continue with --resume", flush=True)
@@ -271,6 +313,48 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
     return summary
 
 
+def _finite(value: torch.Tensor, ctx: Context) -> bool:
+    """Whether ``value`` is finite on every process (all processes take the same decision)."""
+    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=ctx.device)
+    return sum_over_processes(bad, ctx.world).item() == 0
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT while training: noted, so that the loop can checkpoint and stop between steps.
+
+    Handlers are installed only in the main thread (elsewhere Python cannot), and the previous ones come
+    back when the ``with`` block ends. Under torchrun every process stops at the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def received(self, ctx: Context) -> int | None:
+        """The signal received by any process since training started, or None."""
+        if ctx.world > 1:
+            flag = torch.tensor([float(self.signum or 0)], device=ctx.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return int(flag.item()) or None
+        return self.signum
+
+    def __enter__(self) -> _StopSignals:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
 def _epoch_line(m: dict, epochs: int) -> str:
     parts = [f"epoch {m['epoch']}/{epochs}", f"train_loss {m['train_loss']:.4f}"]
     if "clean_acc" in m:
@@ -278,5 +362,9 @@ def _epoch_line(m: dict, epochs: int) -> str:
         if m["pgd_acc"] is not None:
             parts.append(f"PGD-{m['pgd_steps']} {100 * m['pgd_acc']:.2f}%")
         parts.append(f"(n={m['eval_n']})")
+    if m.get("unreadable_images"):
+        parts.append(f"{m['unreadable_images']} unreadable images skipped")
+    if m.get("skipped_steps"):
+        parts.append(f"{m['skipped_steps']} non-finite steps skipped")
     parts.append(f"{m['seconds']:.1f}s")
     return "natgrad: " + ", ".join(parts)
