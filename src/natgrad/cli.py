@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from pathlib import Path
 
 from natgrad import config
@@ -216,8 +217,15 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (a UserError) instead of usage text and an error line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="natgrad", description="Robust classifiers from natural input gradients.")
+    parser = _Parser(prog="natgrad", description="Robust classifiers from natural input gradients.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train a model from a recipe", description=(
         "Train from RECIPE (a name from `natgrad recipes` or a YAML path); key=value arguments override its keys."))

@@ -396,6 +396,11 @@ def validate(cfg: RunConfig) -> None:
     check_choice("data.name", cfg.data.name, DATASETS)
     check_choice("device", cfg.device, ("auto", "cpu", "cuda"))
     check_choice("optim.sched", cfg.optim.sched, ("cosine", "none"))
+    from timm.optim import list_optimizers
+
+    optimizers = list_optimizers()
+    _check(cfg.optim.name.lower() in optimizers, f"optim.name={cfg.optim.name!r} is not an optimizer timm knows"
+           f"{did_you_mean(cfg.optim.name.lower(), optimizers)}; e.g. adamw, sgd, lamb")
     check_choice("aug.mixup_mode", cfg.aug.mixup_mode, ("batch", "pair", "elem"))
     _check(0.0 <= cfg.eps <= 1.0, f"eps={cfg.eps} is outside [0, 1]; eps is in pixel units of [0, 1] images (e.g. eps=4/255)")
     _check(cfg.epochs >= 1, f"epochs={cfg.epochs} must be at least 1")
