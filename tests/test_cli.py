@@ -58,7 +58,7 @@ def test_existing_run_is_not_overwritten_and_resume_checks_config(tmp_path, caps
     assert sorted(p.name for p in out.rglob("*")) == listing
     assert all((before[k] == v).all() for k, v in weights(out).items())
     code, err = run_cli(["train", "fmnist-natural", "--resume", "--out", str(tmp_path / "nothing")], capsys)
-    assert code == 2 and "holds no natgrad checkpoint" in err
+    assert code == 2 and "holds no natgrad run" in err
 
 
 def test_recipes_lists_every_recipe_with_a_line(capsys):
@@ -72,3 +72,20 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "natgrad", "train", "nope"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2 and proc.stderr.startswith("natgrad: error: unknown recipe")
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep")
+    code, err = run_cli(["train", "fmnist-natural", *TINY, "--out", str(afile / "run")], capsys)
+    assert code == 2 and f"cannot write to {afile}" in err and len(err.strip().splitlines()) == 1
+    assert afile.read_text() == "keep"
+    if os.geteuid() != 0:  # root writes through permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        code, err = run_cli(["train", "fmnist-natural", *TINY, "--out", str(locked / "run")], capsys)
+        assert code == 2 and f"cannot write to {locked}" in err and not (locked / "run").exists()
+    if not os.access("/sys", os.W_OK):  # a read-only file system, for root too
+        code, err = run_cli(["train", "fmnist-natural", *TINY, "--out", "/sys/natgrad-run"], capsys)
+        assert code == 2 and "cannot write to /sys" in err

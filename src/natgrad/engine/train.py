@@ -93,21 +93,26 @@ def seed_everything(seed: int) -> None:
 def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
     """Refuse to overwrite a run or resume an incompatible one, before any work starts."""
     if resume:
-        if not (out / CHECKPOINT).is_file() or not (out / "config.yaml").is_file():
-            raise UserError(f"--resume: {out} holds no natgrad checkpoint ({CHECKPOINT}); train without --resume first")
+        if not (out / "config.yaml").is_file():
+            raise UserError(f"--resume: {out} holds no natgrad run (no config.yaml); train without --resume first")
         saved = config_mod.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
         diff = config_mod.differences(saved, cfg)
         if diff:
             raise UserError(f"--resume: {out} was trained with another config ({'; '.join(diff[:3])}); "
                             "resume with the same recipe and overrides, or use a new --out")
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(not _leftover(p) for p in out.iterdir())):
         raise UserError(f"{out} already holds files; pass --resume to continue that run, or choose another --out")
     parent = next(p for p in [out, *out.parents] if p.exists())
     if not parent.is_dir() or not _writable(parent):
         raise UserError(f"cannot write to {parent}; choose an --out in a writable folder")
     if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
         raise UserError(f"{parent} has under {MIN_FREE_BYTES >> 20} MB free; free space or choose another --out")
+
+
+def _leftover(path: Path) -> bool:
+    """A temporary file of an atomic write that a killed process left behind."""
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _writable(folder: Path) -> bool:
@@ -167,6 +172,14 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
     mixup = data.create_mixup(cfg, di.num_classes)
 
     step, elapsed, sums = 0, 0.0, {}
+    last_metrics: dict[str, Any] = {}
+    if resume and not (out / CHECKPOINT).is_file():  # stopped before its first checkpoint: nothing to continue
+        if ctx.is_main and progress:
+            print(f"natgrad: {out} has no checkpoint yet; training from the beginning", flush=True)
+        resume = False
+    if ctx.is_main and out.is_dir():  # temporary files of writes a kill interrupted
+        for leftover in [p for d in (out, out / CHECKPOINT.parent) if d.is_dir() for p in d.iterdir() if _leftover(p)]:
+            leftover.unlink(missing_ok=True)
     if resume:
         state = ckpt.load_state(out / CHECKPOINT)
         ckpt.load_state_dict(model, state["model"], out / CHECKPOINT)
@@ -175,12 +188,14 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
             ema.load_state_dict(state["ema"])
         step, elapsed, sums = state["step"], state["elapsed"], state["epoch_sums"]
         ckpt.set_rng_state(state["rng"])
+        last_metrics = _metrics_up_to(out, step // steps_per_epoch, ctx.is_main)
         if step >= total_steps and (out / "summary.json").is_file():
             if ctx.is_main and progress:
                 print(f"natgrad: {out} already finished all {cfg.epochs} epochs; nothing to do", flush=True)
             return json.loads((out / "summary.json").read_text())
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # of a run killed before its first checkpoint
         ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
 
     def save_checkpoint() -> None:
@@ -192,7 +207,6 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
             })
 
     eval_model = ema.module if ema is not None else model
-    last_metrics: dict[str, Any] = {}
     epochs_this_run = 0
     if ctx.is_main and progress:
         print(f"natgrad: {cfg.method} on {cfg.data.name} ({len(train_ds)} train / {len(eval_ds)} eval images), "
@@ -286,12 +300,14 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
                         "images_per_s": (steps_per_epoch - start) * cfg.batch_size / max(train_seconds, 1e-9)})
         last_metrics = metrics
         if ctx.is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            save_checkpoint()
+            # Weights and metrics before the checkpoint: a kill in between repeats the epoch (its metrics line
+            # is dropped on resume) and ends with the same files.
             ckpt.save_weights(model, out / "model.safetensors")
             if ema is not None:
                 ckpt.save_weights(ema.module, out / "model_ema.safetensors")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_checkpoint()
             if progress:
                 print(_epoch_line(metrics, cfg.epochs), flush=True)
         epochs_this_run += 1
@@ -311,6 +327,24 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
     if ctx.is_main:
         ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _metrics_up_to(out: Path, epochs: int, main: bool) -> dict[str, Any]:
+    """Keep the metrics lines of the first ``epochs`` epochs (a later line belongs to an epoch that the
+    checkpoint does not hold, and will be made again); returns the last one kept."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = []
+    for line in lines:
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if m.get("epoch", 0) <= epochs:
+            kept.append(m)
+    if main and len(kept) != len(lines):
+        ckpt.atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
+    return kept[-1] if kept else {}
 
 
 def _finite(value: torch.Tensor, ctx: Context) -> bool:
