@@ -209,3 +209,32 @@ def test_default_eps_sweep_scales_with_the_recipe_and_stays_in_range():
     assert len(rb.default_sweep_eps(4 / 255)) == 17
     wide = rb.default_sweep_eps(0.3)  # 0.3 / (4/255) x 32/255 = 2.4: clipped at 1
     assert wide[0] == 0 and wide[-1] == 1.0 and wide == sorted(set(wide))
+
+
+def test_every_evaluation_reports_its_integrity():
+    ctx = Context(0, 1, torch.device("cpu"))
+    settings = rb.EvalSettings(attacks=["clean"], eps=[0.1], pgd_steps=(2,), batch_size=8, progress=False)
+    ok = rb.evaluate_model(_Probe().eval(), _Images(), settings, ctx)["integrity"]
+    assert ok == {"model_was_in_train_mode": False, "modules_in_train_mode": [], "deterministic": True,
+                  "warnings": [], "autoattack_warnings": []}
+    left_in_train = rb.evaluate_model(_Probe().train(), _Images(), settings, ctx)["integrity"]
+    assert left_in_train["model_was_in_train_mode"] and left_in_train["deterministic"]
+    assert left_in_train["warnings"] == ["the model was in train mode; it was evaluated in eval mode"]
+    random = rb.evaluate_model(_Probe(dropout_always=True), _Images(), settings, ctx)["integrity"]
+    assert not random["deterministic"]
+    assert any("identical forward passes differ" in w for w in random["warnings"])
+
+    class Stubborn(_Probe):  # eval() does not reach it
+        def train(self, mode=True):
+            return super().train(True)
+
+    stubborn = rb.evaluate_model(Stubborn(), _Images(), settings, ctx)["integrity"]
+    assert stubborn["modules_in_train_mode"] == ["Stubborn", "fc"]
+    assert any("stay in train mode after eval(): Stubborn, fc" in w for w in stubborn["warnings"])
+
+
+def test_eval_json_holds_the_integrity(trained, tmp_path):
+    path = tmp_path / "eval.json"
+    assert run_cli(["eval", str(trained), "--attacks", "clean", "--json", str(path), "--quiet"])[0] == 0
+    integrity = json.loads(path.read_text())["integrity"]
+    assert integrity["deterministic"] is True and integrity["warnings"] == []

@@ -75,6 +75,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not ctx.is_main:
         return 0
     print(rb.format_table(out["results"]))
+    for warning in out["integrity"]["warnings"]:
+        print(f"natgrad: warning: {warning}")
     if "sanity" in report:
         print(rb.format_sanity(report["sanity"]))
     plots = Path(args.plots) if args.plots else (Path(args.source) if Path(args.source).is_dir() else Path("."))

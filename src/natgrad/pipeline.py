@@ -210,7 +210,8 @@ def eval_stage(run: Path, s: Sizes, progress: bool) -> str:
     results = out["results"] + aa["results"]
     report = {"model": loaded.name, "weights": str(loaded.weights), "architecture": cfg.model.name,
               "method": cfg.method, "dataset": cfg.data.name, "n": s.n_eval, "autoattack_n": s.n_autoattack,
-              "sweep_n": s.n_sweep, "world_size": ctx.world, "results": results, "sweeps": sweep["sweeps"]}
+              "sweep_n": s.n_sweep, "world_size": ctx.world, "results": results, "sweeps": sweep["sweeps"],
+              "integrity": {**out["integrity"], "autoattack_warnings": aa["integrity"]["autoattack_warnings"]}}
     if not ctx.is_main:
         return None
     for kind, curve in sweep["sweeps"].items():

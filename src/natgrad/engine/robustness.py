@@ -163,7 +163,9 @@ def evaluate_model(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: C
     rows: list[dict] = []
     sweeps: dict[str, Any] = {}
     devices = [ctx.device] if ctx.device.type == "cuda" else []
+    was_training = model.training
     with eval_mode(model), torch.random.fork_rng(devices=devices):
+        integrity = _integrity(model, ds, ctx, s, was_training)
         for attack in s.attacks:
             if attack == "clean":
                 n, correct = _accuracy_counts(model, ds, ctx, s, "clean", None)
@@ -193,7 +195,33 @@ def evaluate_model(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: C
                 sweeps["eps"] = _eps_sweep(model, ds, ctx, s)
             elif attack == "steps-sweep":
                 sweeps["steps"] = _steps_sweep(model, ds, ctx, s)
-    return {"results": rows, "sweeps": sweeps}
+    integrity["autoattack_warnings"] = [w for r in rows for w in r.get("warnings", [])]
+    return {"results": rows, "sweeps": sweeps, "integrity": integrity}
+
+
+def _integrity(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings, was_training: bool) -> dict:
+    """What every evaluation reports about the model: whether it came in train mode (it is evaluated in
+    eval mode), modules that stay in train mode after ``eval()``, and whether two identical forward
+    passes of the first batch agree (randomness masks gradients and flatters attacks)."""
+    in_train = [name or type(m).__name__ for name, m in model.named_modules() if m.training]
+    same = deterministic(model, ds, ctx, s)
+    warnings = []
+    if was_training:
+        warnings.append("the model was in train mode; it was evaluated in eval mode")
+    if in_train:
+        warnings.append(f"modules stay in train mode after eval(): {', '.join(in_train[:5])}")
+    if not same:
+        warnings.append("two identical forward passes differ: dropout or other randomness is on, which masks "
+                        "gradients and makes attacks look weaker")
+    return {"model_was_in_train_mode": was_training, "modules_in_train_mode": in_train,
+            "deterministic": same, "warnings": warnings}
+
+
+def deterministic(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings) -> bool:
+    """Whether two forward passes of the first batch, in the model's current mode, give the same logits."""
+    x = next(shard_batches(ds, s.batch_size, Context(0, 1, ctx.device), s.seed, "determinism", False))[0]
+    with torch.no_grad():
+        return bool(torch.equal(model(x), model(x)))
 
 
 def default_sweep_eps(eps: float) -> list[float]:
@@ -312,9 +340,8 @@ def sanity_checks(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: Co
     checks = []
 
     if "deterministic" in wanted:
-        xs = next(shard_batches(ds, s.batch_size, Context(0, 1, ctx.device), s.seed, "determinism", False))[0]
-        with eval_mode(model), torch.no_grad():
-            same = torch.equal(model(xs), model(xs))
+        with eval_mode(model):
+            same = deterministic(model, ds, ctx, s)
         checks.append(_check("deterministic", same, {}, "two forward passes in eval mode give the same logits"
                              if same else "two forward passes in eval mode differ: dropout or other randomness is on, "
                              "which masks gradients; evaluate a deterministic model"))
