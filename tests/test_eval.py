@@ -1,6 +1,7 @@
 """natgrad eval: attacks, sweeps, sanity checks, sharding, bad input."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -238,3 +239,32 @@ def test_eval_json_holds_the_integrity(trained, tmp_path):
     assert run_cli(["eval", str(trained), "--attacks", "clean", "--json", str(path), "--quiet"])[0] == 0
     integrity = json.loads(path.read_text())["integrity"]
     assert integrity["deterministic"] is True and integrity["warnings"] == []
+
+
+def test_an_interrupted_eval_of_a_run_folder_continues_where_it_stopped(trained, tmp_path, monkeypatch, capsys):
+    from pyautoattack import AutoAttack
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    args = ["--attacks", "autoattack-custom", "--aa-attacks", "apgd-ce", "--eps", "0.05"]
+    real = AutoAttack.run_standard_evaluation
+    calls = []
+
+    def interrupted_on_the_second_batch(self, x, y, *a, **k):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, x, y, *a, **k)
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", interrupted_on_the_second_batch)
+    code, _ = run_cli(["eval", str(run), "--n", "32", "--batch-size", "16", "--quiet", *args], capsys)
+    assert code == 130 and len(calls) == 2 and (run / "autoattack-state").is_dir()
+    calls.clear()
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", interrupted_on_the_second_batch)  # not reached twice
+    assert run_cli(["eval", str(run), "--n", "32", "--batch-size", "16", "--quiet", *args])[0] == 0
+    assert len(calls) == 1, "the finished batch is not attacked again"
+    assert not (run / "autoattack-state").exists(), "the progress is removed once the evaluation is done"
+    resumed = json.loads((run / "eval.json").read_text())["results"][0]
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", real)
+    fresh = _eval(trained, tmp_path, *args, "--n", "32")["results"][0]
+    assert resumed["robust_acc"] == fresh["robust_acc"] and resumed["n"] == fresh["n"] == 32

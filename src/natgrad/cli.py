@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
+import shutil
 import sys
 import time
 import typing
@@ -33,7 +37,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import json
 
     from natgrad.data import info
     from natgrad.engine import checkpoint as ckpt
@@ -60,9 +63,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                             f"{info(cfg.data).image_size}px; give a source model with the same input shape")
         source = src.model
     aa_attacks = [a.strip() for a in args.aa_attacks.split(",")] if args.aa_attacks else None
+    # A run folder keeps AutoAttack's progress by default, so that an interrupted evaluation continues;
+    # one folder per evaluation (what decides AutoAttack's work), removed when it finishes.
+    default_state = None
+    if Path(args.source).is_dir():
+        what = json.dumps([attacks, eps, len(ds), args.seed, args.batch_size, args.square_queries, aa_attacks])
+        default_state = Path(args.source) / "autoattack-state" / hashlib.sha1(what.encode()).hexdigest()[:12]
+    state_dir = Path(args.aa_state) if args.aa_state else default_state
     settings = rb.EvalSettings(attacks=attacks, eps=eps or [cfg.eps], pgd_steps=tuple(steps), restarts=args.restarts,
                                batch_size=args.batch_size, seed=args.seed, aa_attacks=aa_attacks, source=source,
-                               progress=not args.quiet, state_dir=Path(args.aa_state) if args.aa_state else None,
+                               progress=not args.quiet, state_dir=state_dir,
                                square_queries=args.square_queries)
     if args.robustbench_json:
         rb.check_robustbench(cfg, settings)
@@ -92,6 +102,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.robustbench_json:
         info_json = rb.robustbench_info(loaded.name, cfg, out["results"])
         ckpt.atomic_write_text(Path(args.robustbench_json), json.dumps(info_json, indent=2))
+    if state_dir == default_state and state_dir is not None:  # finished: nothing left to continue
+        shutil.rmtree(state_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            state_dir.parent.rmdir()  # when no other evaluation left its progress there
     return 0
 
 
@@ -173,8 +187,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     from natgrad.engine import bench
     from natgrad.engine import checkpoint as ckpt
 
