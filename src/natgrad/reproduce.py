@@ -121,22 +121,24 @@ DATASETS: dict[str, Dataset] = {
                             bench_steps=5, bench_warmup=1), 1),
         },
         roles=_FMNIST_ROLES,
-        expected={"short": "about 45 minutes on a 2-core CPU",
+        expected={"short": "under an hour on a 2-core CPU by design (not yet measured)",
                   "full": "several hours on a 2-core CPU, most of it AutoAttack (docs/RESULTS.md has the measured time)"}),
     "cifar10": Dataset(
         cifar10_grid,
         budgets={"full": (Sizes(epochs=None, limit_train=None, **_FULL_EVAL), 30),
                  "short": (Sizes(epochs=10, limit_train=None, **_FULL_EVAL), 5)},
         roles={"natural": "natural", "gradnorm": "gradnorm", "pgd": "pgd"},
-        expected={"full": "about a day on one GPU (300 epochs of PreAct ResNet-18 with double backprop)",
-                  "short": "a few hours on one GPU"}),
+        expected={"full": "not measured here (no GPU): 650 epochs of PreAct ResNet-18 in all, 600 of them with "
+                          "double backprop or PGD-3",
+                  "short": "not measured here (no GPU): 10 epochs per model"}),
     "imagenet": Dataset(
         imagenet_grid,
         budgets={"full": (Sizes(epochs=None, limit_train=None, **_FULL_EVAL), 30),
                  "short": (Sizes(epochs=10, limit_train=None, **_FULL_EVAL), 3)},
         roles=_IMAGENET_ROLES,
-        expected={"full": "weeks of 8-GPU time (the paper's Swin-B and ResNet-50 recipes)",
-                  "short": "days of 8-GPU time"}),
+        expected={"full": "not measured here (no GPU): the paper's Swin-B and ResNet-50 recipes, each days of "
+                          "8-GPU time in the paper",
+                  "short": "not measured here (no GPU): 10 epochs per model"}),
 }
 
 
