@@ -290,6 +290,9 @@ def test_images_are_embedded_pngs_and_nothing_is_external(runs):
     assert struct.unpack(">I", dist[16:20])[0] > 1200
     assert not {"script", "link", "iframe", "object", "embed"} & set(page.tags)
     assert "http:" not in text and "https:" not in text and "url(" not in text and "@import" not in text
+    # a grid of many models leaves each model's own figures in its run folder
+    small = Page(build_report(runs, model_figures=False))
+    assert len(small.imgs) == 4 and "in its run folder's" in build_report(runs, model_figures=False)
 
 
 def test_header_lists_models_with_their_settings(runs):

@@ -459,7 +459,8 @@ def run_reproduce(dataset: str, out: Path | str | None = None, budget: str = "fu
     atomic_write_text(out / CLAIMS_FILE, claims_markdown(dataset, budget, verdicts, bar, rows, sizes,
                                                          bench.get("pgd_steps")))
     sections = _report_sections(dataset, budget, verdicts, bar, rows, bench.get("pgd_steps"), stage_seconds)
-    report = write_report([out / e.name for e in grid.experiments], out / REPORT_FILE, intro=sections)
+    report = write_report([out / e.name for e in grid.experiments], out / REPORT_FILE, intro=sections,
+                          model_figures=False)
     state.update(report=str(report), this_run_seconds=round(time.perf_counter() - start, 2))
     write_state(out, STATE_FILE, state)
 

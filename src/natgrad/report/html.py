@@ -82,8 +82,9 @@ footer { margin-top: 48px; color: var(--muted); font-size: 12px; }
 """
 
 
-def build_report(run_dirs: Sequence[Path | str], intro: Sequence[str] = ()) -> str:
-    """The HTML report comparing the run folders ``run_dirs``; ``intro``: HTML sections placed after the header.
+def build_report(run_dirs: Sequence[Path | str], intro: Sequence[str] = (), model_figures: bool = True) -> str:
+    """The HTML report comparing the run folders ``run_dirs``; ``intro``: HTML sections placed after the header;
+    ``model_figures=False`` leaves out each model's own analysis figures (a grid of many models stays small).
 
     Raises:
         UserError: no folders, or a path that is not a natgrad run folder.
@@ -92,19 +93,20 @@ def build_report(run_dirs: Sequence[Path | str], intro: Sequence[str] = ()) -> s
     colors = _colors(runs)
     footer = ("<footer>Written by <code>natgrad report</code>. Accuracies are percentages of correctly classified "
               "images; \u2013 marks a value the run folder does not hold.</footer>")
-    body = [_header(runs), *intro, _models(runs, colors), _training(runs), _evaluation(runs, colors), _analysis(runs, colors), footer]
+    body = [_header(runs), *intro, _models(runs, colors), _training(runs), _evaluation(runs, colors), _analysis(runs, colors, model_figures),
+            footer]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>natgrad report: {_e(', '.join(r.label for r in runs))}</title>\n<style>{CSS}</style>\n</head>\n"
             "<body>\n<main>\n" + "\n".join(body) + "\n</main>\n</body>\n</html>\n")
 
 
-def write_report(run_dirs: Sequence[Path | str], out: Path, intro: Sequence[str] = ()) -> Path:
+def write_report(run_dirs: Sequence[Path | str], out: Path, intro: Sequence[str] = (), model_figures: bool = True) -> Path:
     """Build the report and write it to ``out`` atomically (temp file, then rename); returns ``out``."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
-    text = build_report(run_dirs, intro).encode("ascii", "xmlcharrefreplace").decode("ascii")  # any locale can write it
+    text = build_report(run_dirs, intro, model_figures).encode("ascii", "xmlcharrefreplace").decode("ascii")  # any locale can write it
     try:
         atomic_write_text(out, text)
         umask = os.umask(0)
@@ -171,7 +173,7 @@ def _status(check: dict) -> str:
     return status if status in ("PASS", "WARN", "SKIP") else "SKIP"
 
 
-def _analysis(runs: list[Run], colors: dict[int, str]) -> str:
+def _analysis(runs: list[Run], colors: dict[int, str], model_figures: bool = True) -> str:
     parts = ["<section id=\"analysis\">\n<h2>Natural input gradients</h2>"]
     if not any(r.analysis for r in runs):
         parts.append("<p class=\"hint\">No analysis yet: run <code>natgrad analyze RUN_DIR</code> on each run "
@@ -187,7 +189,11 @@ def _analysis(runs: list[Run], colors: dict[int, str]) -> str:
     if along:
         alt = "Loss, L1 gradient norm and normalized curvature along the attack direction"
         parts.append(_figure(along, alt, alt + " (Figure 11)."))
-    parts.append(_analysis_figures(runs, colors))
+    if model_figures:
+        parts.append(_analysis_figures(runs, colors))
+    elif any(r.analysis for r in runs):
+        parts.append("<p class=\"hint\">Each model's own figures (images, gradients, perturbations, per-model "
+                     "distributions) are in its run folder's <code>analysis/</code>.</p>")
     parts.append("</section>")
     return "\n".join(parts)
 
