@@ -134,3 +134,17 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
     code, err = run_cli([*args[:-1], "data.max_unreadable=1", "--out", str(tmp_path / "strict")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "2 unreadable images skipped in epoch 1, more than data.max_unreadable=1" in err
+
+
+def test_holdout_splits_the_training_set_and_replaces_the_test_set():
+    cfg = config.load("fmnist-natural", ["data.name=synthetic", "data.synthetic_size=256", "data.holdout=64",
+                                         "data.limit_eval=null"])
+    train, held = data.build(cfg, "train"), data.build(cfg, "test")
+    assert len(train) == 192 and len(held) == 64
+    full = data.build(config.load("fmnist-natural", ["data.name=synthetic", "data.synthetic_size=256"]), "train")
+    as_bytes = lambda ds: {ds[i][0].numpy().tobytes() for i in range(len(ds))}
+    assert as_bytes(train).isdisjoint(as_bytes(held)) and as_bytes(train) | as_bytes(held) == as_bytes(full)
+    assert as_bytes(data.build(cfg, "test")) == as_bytes(held)  # the same images every time
+    with pytest.raises(UserError, match="holdout=256 leaves no training images"):
+        data.build(config.load("fmnist-natural", ["data.name=synthetic", "data.synthetic_size=256",
+                                                  "data.holdout=256"]), "train")

@@ -36,6 +36,7 @@ class DataConfig:
     root: str | None = None  # folder holding the data; see natgrad.data for the search order
     limit_train: int | None = None  # fixed, seeded subset of the training set
     limit_eval: int | None = 1000  # fixed, seeded subset of the test set used in per-epoch evaluation
+    holdout: int = 0  # hold out this many training images and evaluate on them instead of the test set (tuning)
     num_workers: int = 0
     image_size: int | None = None  # imagenet crop size (224) or synthetic side length
     val_subset: str | None = None  # imagenet: file listing validation images (paths relative to val/)
@@ -407,6 +408,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be at least 1")
     _check(cfg.lr > 0, f"lr={cfg.lr} must be positive")
     _check(cfg.stop_after is None or cfg.stop_after >= 1, f"stop_after={cfg.stop_after} must be at least 1")
+    _check(cfg.data.holdout >= 0, f"data.holdout={cfg.data.holdout} must be 0 (evaluate on the test set) or more")
     _check(cfg.data.max_unreadable >= 0, f"data.max_unreadable={cfg.data.max_unreadable} must be 0 or more")
     _check(cfg.on_nonfinite in ("stop", "skip"), f"on_nonfinite={cfg.on_nonfinite!r} is not one of stop, skip")
     _check(cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be 0 (epoch ends) or a number of steps")

@@ -340,21 +340,35 @@ def fixed_subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     return Subset(ds, sorted(perm[:limit].tolist()))
 
 
+HOLDOUT_SEED = 999
+
+
 def build(cfg: RunConfig, split: str) -> Dataset:
-    """The train or test dataset of the config, with its transforms and ``limit_*`` subset applied."""
+    """The train or test dataset of the config, with its transforms and ``limit_*`` subset applied.
+
+    With ``data.holdout=N`` a fixed seeded set of N training images is held out: training uses the
+    others, and the "test" split is the held-out images (for tuning without looking at the test set).
+    """
     dc = cfg.data
     di = info(dc)
     transform = train_transform(dc.name, cfg.aug, di) if split == "train" else eval_transform(dc.name, cfg.aug, di)
+    source = "train" if dc.holdout else split
     if dc.name == "imagenet":
-        ds = _imagenet(dc, split, transform)
+        ds = _imagenet(dc, source, transform)
     else:
         if dc.name == "fashion-mnist":
-            images, labels = _fashion_mnist(dc, split)
+            images, labels = _fashion_mnist(dc, source)
         elif dc.name == "cifar10":
-            images, labels = _cifar10(dc, split)
+            images, labels = _cifar10(dc, source)
         else:
-            images, labels = _synthetic(dc, split, cfg.seed)
+            images, labels = _synthetic(dc, source, cfg.seed)
         ds = ImageArrayDataset(images, labels, transform)
+    if dc.holdout:
+        if dc.holdout >= len(ds):
+            raise UserError(f"data.holdout={dc.holdout} leaves no training images (the training set has {len(ds)}); "
+                            "hold out fewer")
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(HOLDOUT_SEED)).tolist()
+        ds = Subset(ds, sorted(perm[dc.holdout:] if split == "train" else perm[:dc.holdout]))
     limit = dc.limit_train if split == "train" else dc.limit_eval
     return fixed_subset(ds, limit, seed=1234 if split == "train" else 4321)
 
