@@ -11,6 +11,7 @@ import yaml
 from conftest import TINY, run_cli, weights
 
 from natgrad import reproduce
+from natgrad.errors import UserError
 from natgrad.pipeline import Sizes
 from natgrad.reproduce import check_claims, quality_bar, run_reproduce
 
@@ -164,3 +165,19 @@ def test_bad_input_leaves_nothing(tmp_path, capsys):
     (out / "mine.txt").write_text("keep")
     code, err = run_cli(["reproduce", "fmnist", "--out", str(out)], capsys)
     assert code == 2 and "not a reproduce folder" in err and [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_a_run_trained_with_another_recipe_is_refused(tmp_path):
+    from natgrad import config
+    from natgrad.pipeline import check_runs
+
+    grid = reproduce.resolve("cifar10", "short")[1]
+    natural = grid.experiments[0]
+    cfg = natural.config(SMALL, tmp_path)
+    (tmp_path / natural.name).mkdir()
+    (tmp_path / natural.name / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg)))
+    check_runs(tmp_path, grid, SMALL)  # the same configuration: fine
+    cfg.lr = cfg.lr * 2  # as if the recipe had changed after this model was trained
+    (tmp_path / natural.name / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg)))
+    with pytest.raises(UserError, match="trained with another configuration than cifar10-prn18-natural gives now .lr"):
+        check_runs(tmp_path, grid, SMALL)

@@ -157,6 +157,20 @@ def _differences(old: object, new: object, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def check_runs(out: Path, grid: Grid, sizes: Sizes) -> None:
+    """A UserError when a run folder of ``out`` was trained with another configuration than its experiment
+    gives now (a recipe changed since): its results would not belong to this grid."""
+    from natgrad import config
+
+    for e in grid.experiments:
+        if (out / e.name / "config.yaml").is_file():
+            diff = config.differences(run_config(out / e.name), e.config(sizes, out, with_init=False),
+                                      ignore=(*config.RESUME_FREE_KEYS, "init"))
+            if diff:
+                raise UserError(f"{out / e.name} was trained with another configuration than {e.recipe} gives now "
+                                f"({'; '.join(diff[:3])}); give a new --out to run the grid again")
+
+
 def write_state(out: Path, state_file: str, state: dict) -> None:
     from natgrad.engine.checkpoint import atomic_write_text
 
@@ -426,5 +440,5 @@ def html_table(table_id: str, header: list[str], body: list[list[str]], text_col
             "</tbody></table></div>\n")
 
 
-__all__ = ["format_summary", "html_table", "summary_columns", "text_table", "BENCH_FILE", "Experiment", "Grid", "Sizes", "Stage", "check_out", "read_json", "result_rows",
+__all__ = ["check_runs", "format_summary", "html_table", "summary_columns", "text_table", "BENCH_FILE", "Experiment", "Grid", "Sizes", "Stage", "check_out", "read_json", "result_rows",
            "run_config", "run_stages", "stages", "write_state"]
