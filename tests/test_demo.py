@@ -126,3 +126,17 @@ def test_demo_refuses_other_settings(tmp_path):
     (out / "demo.json").write_text("{}")
     with pytest.raises(UserError, match="did not write"):
         demo.check_demo_out(out, SMALL)
+
+
+def test_a_signal_during_a_stage_says_to_run_the_same_command_again(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from natgrad.errors import Preempted
+
+    def preempted(*args, **kwargs):
+        raise Preempted("stopped by SIGTERM at step 3 (epoch 1); ... --resume to continue", signal.SIGTERM)
+
+    monkeypatch.setattr(pipeline, "train_stage", preempted)
+    code, err = run_cli(["demo", "--out", str(tmp_path / "demo")], capsys)
+    assert code == 143 and "run the same command again to continue" in err and "--resume" not in err
+    assert "train fmnist-natural" in json.loads((tmp_path / "demo" / "demo.json").read_text())["interrupted"]

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from natgrad.errors import UserError
+from natgrad.errors import Preempted, UserError
 
 BENCH_FILE = "bench.json"
 
@@ -333,11 +333,14 @@ def run_stages(out: Path, tool: str, state_file: str, state: dict, todo: Sequenc
         before = state.setdefault("interrupted", {}).pop(stage.name, 0.0)  # time spent in runs that stopped
         try:
             detail = stage.run()
-        except BaseException:
+        except BaseException as exc:
             state["interrupted"][stage.name] = round(before + time.perf_counter() - t0, 2)
             if main:
                 write_state(out, state_file, state)
             say(f"{tool}: stopped during {stage.name}; run the same command again to continue from there")
+            if isinstance(exc, Preempted):  # training's own advice (--resume) does not apply here
+                raise Preempted(f"stopped by a signal during {stage.name}, with a checkpoint; run the same command "
+                                "again to continue", exc.exit_code - 128) from None
             raise
         seconds = time.perf_counter() - t0
         state["stages"][stage.name] = round(before + seconds, 2)
