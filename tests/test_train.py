@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import signal
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from conftest import TINY, assert_same_weights, run_cli, weights
 
 from natgrad import config, data, objectives
-from natgrad.engine.checkpoint import load_weights
+from natgrad.engine.checkpoint import atomic_write_text, load_weights, save_weights
 from natgrad.engine.train import build_model
 from natgrad.objectives.natural import Natural
 from natgrad.objectives.pgd import PGDTraining
@@ -156,3 +157,16 @@ def test_non_finite_steps_can_be_skipped_and_are_counted(tmp_path, capsys):
     assert all(torch.isfinite(v).all() for v in weights(out).values())
     code, err = run_cli(["train", "fmnist-natural", *TINY, "on_nonfinite=ignore", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "on_nonfinite='ignore' is not one of stop, skip" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    """Files natgrad writes get the mode a plain open() would give them, not mkstemp's owner-only 0o600."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "w.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode

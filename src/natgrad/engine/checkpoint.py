@@ -18,6 +18,13 @@ from torch import nn
 from natgrad.errors import UserError
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the umask (mkstemp's files are owner-only)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +32,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())  # after write: some writers (safetensors) create the file anew
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
