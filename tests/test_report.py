@@ -262,6 +262,18 @@ def test_tables_hold_one_row_per_model_with_the_json_numbers(runs):
     assert len(sanity) == 9 and ("fmnist-gradnorm", ["autoattack flags", "WARN", "1 warning"]) in sanity
 
 
+def test_attack_on_fewer_images_shows_its_n(runs):
+    """AutoAttack on fewer images than clean and PGD (as the demo does) says so in its cell, not only on hover."""
+    path = runs[1] / "eval.json"
+    ev = json.loads(path.read_text())
+    next(r for r in ev["results"] if r["attack"] == "autoattack")["n"] = 100
+    path.write_text(json.dumps(ev))
+    page = Page(build_report(runs))
+    gradnorm, pgd = page.row("table-eval", "fmnist-gradnorm"), page.row("table-eval", "fmnist-pgd")
+    assert "n=100" in gradnorm[3] and gradnorm[-1] == "500"
+    assert all("n=" not in cell for cell in pgd)
+
+
 def test_best_value_per_column_is_bold(runs):
     page = Page(build_report(runs))
     # higher is better for accuracy: natural has the best clean accuracy, pgd the best AutoAttack

@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="natural, GradNorm and PGD-3 on Fashion-MNIST in minutes, with a report",
                         description=("Train a natural, a GradNorm and a PGD-3 model on Fashion-MNIST (short schedules), "
                                      "evaluate them (clean, AutoAttack, PGD eps sweep), measure each method's cost per "
-                                     "step, run the gradient analyses and write DIR/report.html; about 11 minutes on a "
+                                     "step, run the gradient analyses and write DIR/report.html; about 7 minutes on a "
                                      "2-core CPU. Run again on the same DIR to continue where it stopped."))
     d.add_argument("--out", metavar="DIR", default="runs/demo", help="the demo folder (default runs/demo)")
     d.set_defaults(func=_cmd_demo)

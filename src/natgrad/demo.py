@@ -26,7 +26,7 @@ RECIPES = ("fmnist-natural", "fmnist-gradnorm", "fmnist-pgd")
 METHODS = ("natural", "gradnorm", "pgd")  # what bench measures, in the order of RECIPES
 DEMO_FILE = "demo.json"
 REPORT_FILE = "report.html"
-EXPECTED_MINUTES = 11  # the default settings on a quiet 2-core CPU (measured 11.0 min)
+EXPECTED_MINUTES = 7  # the default settings on a 2-core CPU (measured 6.3 min of stages, docs/RESULTS.md)
 GRID = Grid(tuple(Experiment(r, r) for r in RECIPES), bench_recipe="fmnist-gradnorm", bench_methods=METHODS)
 
 DemoSettings = Sizes  # the demo's sizes are Sizes' defaults

@@ -36,7 +36,7 @@ def is_main_process() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    """How much of everything; the defaults are the demo's (about 11 minutes on a 2-core CPU).
+    """How much of everything; the defaults are the demo's (about 7 minutes on a 2-core CPU).
 
     ``epochs`` and ``limit_train`` None keep each recipe's schedule and the whole training set.
     ``overrides`` (``key=value``, as ``natgrad train`` takes them) apply to every recipe last; tests

@@ -158,7 +158,7 @@ def eval_table(runs: list[Run]) -> Table:
         row = eval_row(run, "clean")
         cells = [Cell(pct(row["robust_acc"]), number(row["robust_acc"])) if row else Cell()]
         for eps, attack in keys:
-            cells.append(_attack_cell(eval_row(run, attack, eps)))
+            cells.append(_attack_cell(eval_row(run, attack, eps), run.eval.get("n")))
             for warning in items(mapping(eval_row(run, attack, eps)).get("warnings")):
                 notes.append(f"{run.label}: {attack_name(attack)} at \u03b5 = {eps_text(eps)}: {warning}")
         n = run.eval.get("n")
@@ -168,11 +168,14 @@ def eval_table(runs: list[Run]) -> Table:
     return Table("table-eval", "", caption, columns, rows, notes)
 
 
-def _attack_cell(row: dict | None) -> Cell:
+def _attack_cell(row: dict | None, n: int | None = None) -> Cell:
+    """An attack's accuracy; its own n is shown where it differs from the row's (e.g. AutoAttack on fewer images)."""
     if row is None or number(row.get("robust_acc")) is None:
         return Cell()
     parts = [f"{p['attack']} {pct(p.get('robust_acc'))}" for p in items(row.get("per_attack"))
              if isinstance(p, dict) and "attack" in p]
+    if row.get("n") is not None and row.get("n") != n:
+        parts.insert(0, f"n={row['n']}")
     title = f"n={row.get('n')}" + (f", {row['steps']} steps" if row.get("steps") else "")
     return Cell(pct(row["robust_acc"]), row["robust_acc"], note=" \u00b7 ".join(parts), title=title)
 
