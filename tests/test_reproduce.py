@@ -100,6 +100,17 @@ def test_quality_bar():
     assert quality_bar(rows, ROLES).startswith("not met") and "-3.0 points" in quality_bar(rows, ROLES)
 
 
+
+def test_ratios_to_an_unrobust_pgd_are_undefined_not_nan():
+    """With PGD-3 at 0% AutoAttack (an untrained grid) the ratios say so, and no ratio criterion passes."""
+    rows = [{**r, "autoattack_acc": 0.0} if r["model"] == "pgd" else r for r in _paper_like_rows()]
+    verdicts = {v.claim: v for v in check_claims(rows, ROLES)}
+    assert verdicts[2].verdict == "does not hold" and "= undefined (PGD-3 at 0%)" in verdicts[2].measured
+    assert "undefined (PGD-3 at 0%) of PGD-3's" in verdicts[7].measured
+    bar = quality_bar(rows, ROLES)
+    assert bar.startswith("not met: GradNorm / PGD-3 AutoAttack undefined") and "nan" not in bar
+
+
 def _stage_lines(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith("[")]
 

@@ -191,11 +191,18 @@ def _c1(get, sweep):
     return f"natural AutoAttack {_pct(aa)}", aa <= 0.02
 
 
+def _of_pgd(value: float, pgd: float, digits: int = 3) -> tuple[float, str]:
+    """``value / pgd`` and its text; undefined (nan, so no criterion passes) when PGD-3 is at 0%."""
+    if pgd > 0:
+        return value / pgd, f"{value / pgd:.{digits}f}"
+    return float("nan"), "undefined (PGD-3 at 0%)"
+
+
 def _c2(get, sweep):
     gn, pgd = get("gradnorm", "autoattack_acc"), get("pgd", "autoattack_acc")
     gn_clean, pgd_clean = get("gradnorm", "clean_acc"), get("pgd", "clean_acc")
-    ratio = gn / pgd if pgd > 0 else float("nan")
-    return (f"GradNorm {_pct(gn)} / PGD-3 {_pct(pgd)} AutoAttack = {ratio:.3f}; clean {_pct(gn_clean)} vs "
+    ratio, ratio_text = _of_pgd(gn, pgd)
+    return (f"GradNorm {_pct(gn)} / PGD-3 {_pct(pgd)} AutoAttack = {ratio_text}; clean {_pct(gn_clean)} vs "
             f"{_pct(pgd_clean)}"), ratio >= 0.90
 
 
@@ -232,9 +239,9 @@ def _c6(get, sweep):
 
 def _c7(get, sweep):
     edge, nat, pgd = get("edge", "autoattack_acc"), get("natural", "autoattack_acc"), get("pgd", "autoattack_acc")
-    share = edge / pgd if pgd > 0 else float("nan")
+    share_text = _of_pgd(edge, pgd, digits=2)[1]
     return (f"edge regularization AutoAttack {_pct(edge)} (natural {_pct(nat)}, PGD-3 {_pct(pgd)}: "
-            f"{share:.2f} of PGD-3's)"), edge - nat >= 0.10
+            f"{share_text} of PGD-3's)"), edge - nat >= 0.10
 
 
 def _c8(get, sweep):
@@ -319,9 +326,9 @@ def quality_bar(rows: list[dict], roles: dict[str, str]) -> str:
         gn_c, pgd_c = (_get(by_name, roles, r, "clean_acc") for r in ("gradnorm", "pgd"))
     except _Missing as e:
         return f"not measured (missing: {e})"
-    ratio = gn / pgd if pgd > 0 else float("nan")
+    ratio, ratio_text = _of_pgd(gn, pgd)
     met = ratio >= 0.92 and abs(gn_c - pgd_c) <= 0.02
-    return (f"{'met' if met else 'not met'}: GradNorm / PGD-3 AutoAttack {ratio:.3f} (bar 0.92), clean "
+    return (f"{'met' if met else 'not met'}: GradNorm / PGD-3 AutoAttack {ratio_text} (bar 0.92), clean "
             f"{_pct(gn_c)} vs {_pct(pgd_c)} ({100 * (gn_c - pgd_c):+.1f} points, bar within 2)")
 
 
