@@ -7,18 +7,14 @@ Usage: python scripts/attack_step_layout.py
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 import torch.nn.functional as F
 
+from natgrad.attacks.pgd import frozen_parameters
 from natgrad.models import cnn_small
-
-
-def frozen(net: torch.nn.Module) -> torch.nn.Module:
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.eval()
 
 
 def attack_step_ms(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 30) -> float:
@@ -37,18 +33,17 @@ def attack_step_ms(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repea
 def main() -> None:
     torch.manual_seed(0)
     x, y = torch.rand(250, 1, 28, 28), torch.randint(0, 10, (250,))
-    eager = frozen(cnn_small(10, 1))
-    layout = frozen(cnn_small(10, 1))
-    layout.load_state_dict(eager.state_dict())
-    layout = layout.to(memory_format=torch.channels_last)
+    eager = cnn_small(10, 1).eval()
+    layout = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     compiled = torch.compile(eager)
-    attack_step_ms(compiled, x, y, repeats=1)  # compile outside the timing
-    for _ in range(2):  # interleaved, twice, since this machine is shared
-        base = attack_step_ms(eager, x, y)
-        cl = attack_step_ms(layout, x.contiguous(memory_format=torch.channels_last), y)
-        comp = attack_step_ms(compiled, x, y)
-        print(f"eager {base:.1f} ms, channels_last {cl:.1f} ms ({cl / base:.2f}), "
-              f"torch.compile {comp:.1f} ms ({comp / base:.2f})", flush=True)
+    with frozen_parameters(eager), frozen_parameters(layout):
+        attack_step_ms(compiled, x, y, repeats=1)  # compile outside the timing
+        for _ in range(2):  # interleaved, twice, since this machine is shared
+            base = attack_step_ms(eager, x, y)
+            cl = attack_step_ms(layout, x.contiguous(memory_format=torch.channels_last), y)
+            comp = attack_step_ms(compiled, x, y)
+            print(f"eager {base:.1f} ms, channels_last {cl:.1f} ms ({cl / base:.2f}), "
+                  f"torch.compile {comp:.1f} ms ({comp / base:.2f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ DATASETS: dict[str, Dataset] = {
                             bench_steps=5, bench_warmup=1), 1),
         },
         roles=_FMNIST_ROLES,
-        expected={"short": "about 35 minutes on a 2-core CPU (measured: docs/RESULTS.md)",
+        expected={"short": "about 34 minutes on a 2-core CPU (measured: docs/RESULTS.md)",
                   "full": "several hours on a 2-core CPU, most of it AutoAttack (docs/RESULTS.md has the measured time)"}),
     "cifar10": Dataset(
         cifar10_grid,
