@@ -20,7 +20,14 @@ class Preempted(Exception):
 def check_choice(name: str, value: str, choices) -> None:
     """Raise a :class:`UserError` naming the choices (and the closest one) unless ``value`` is one of them."""
     if value not in choices:
-        raise UserError(f"{name}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
+        close = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise UserError(f"{name}={short(value)} is not one of {', '.join(choices)}{close}")
+
+
+def short(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, so that an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def did_you_mean(value: str, choices) -> str:

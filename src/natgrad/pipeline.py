@@ -195,11 +195,9 @@ def train_stage(out: Path, e: Experiment, sizes: Sizes, progress: bool) -> None:
 
 def run_config(run: Path):
     """The configuration a run folder was trained with."""
-    import yaml
-
     from natgrad import config
 
-    return config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    return config.read_run_config(run)
 
 
 def eval_stage(run: Path, s: Sizes, progress: bool) -> str:

@@ -32,6 +32,7 @@ from natgrad.analysis.geometry import (
 )
 from natgrad.attacks import eval_mode, frozen_parameters, pgd
 from natgrad.errors import UserError, did_you_mean
+from natgrad.rundir import TEMP_PREFIX
 
 ANALYSES = ("gradients", "edges", "geometry", "linearity", "along_attack", "pictures")
 CHANNEL_EDGES = st.log_edges(1e-12, 1e4, 5)  # fixed, so that counts add up over batches
@@ -247,7 +248,11 @@ def write_analysis(summary: dict[str, Any], arrays: dict[str, Any], out: Path) -
     out = Path(out)
     check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    prefix = f".{out.name}{TEMP_PREFIX}"
+    for stale in out.parent.glob(f"{prefix}*.tmp"):  # of an analysis killed while it wrote
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out.parent))
     try:
         title = f"{summary.get('model', '')} ({summary.get('method', '')}, n={summary['n']})"
         summary = {**summary, "figures": draw_all(summary, arrays, tmp, title)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -15,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from natgrad.rundir import TEMP_PREFIX
 from natgrad.errors import UserError
 
 
@@ -28,7 +30,7 @@ def _file_mode() -> int:
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_PREFIX}", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -70,12 +72,23 @@ def load_state_dict(model: nn.Module, state: dict, source: Path) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    wrong = [k for k in own if k in state and (own[k].shape != state[k].shape or own[k].dtype != state[k].dtype)]
     if missing or unexpected or wrong:
         detail = (missing or unexpected or wrong)[0]
         raise UserError(f"{source} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                        f"{len(wrong)} mis-shaped tensors, e.g. {detail}); check model.name and the dataset")
+                        f"{len(wrong)} tensors of another shape or dtype, e.g. {detail}); check model.name and the dataset")
     model.load_state_dict(state)
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's weights and buffers (names, dtypes, shapes and values): what an evaluation's
+    saved progress is keyed by, so that it can never be reused for other weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
@@ -111,3 +124,37 @@ def load_state(path: Path) -> dict[str, Any]:
     except Exception as e:  # torch raises several types for bad or unsafe files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a valid natgrad checkpoint ({first[:160]}); it was refused without running it") from None
+
+
+# What a file natgrad may overwrite must already look like: it never replaces another kind of file.
+_KINDS: dict[str, tuple[str, Callable[[bytes], bool]]] = {
+    "json": ("a JSON file", lambda head: head.lstrip()[:1] in (b"{", b"[")),
+    "html": ("an HTML file", lambda head: head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html"))),
+}
+
+
+def check_destination(path: Path, kind: str, flag: str) -> None:
+    """Refuse, before any work, a destination that cannot be written or would replace something else.
+
+    ``kind`` is ``json`` or ``html`` for a file (an existing file must be of that kind), ``folder`` for a
+    folder; ``flag`` names the option in the message.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{flag} {path} is a symbolic link; give the real path")
+    if kind == "folder":
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag} {path} is a file, not a folder; give a folder")
+    else:
+        what, looks_right = _KINDS[kind]
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name, e.g. {path / ('results.' + kind)}")
+        if path.exists():
+            with open(path, "rb") as f:
+                head = f.read(64)
+            if head and not looks_right(head):
+                raise UserError(f"{flag} {path} exists and is not {what}; natgrad does not overwrite other files: "
+                                "choose another name")
+    parent = next(p for p in [path if kind == "folder" else path.parent, *path.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {parent}; choose a writable place")

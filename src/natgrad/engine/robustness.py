@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -49,9 +48,7 @@ def load_model(source: str | Path, recipe: str | None = None, model_name: str | 
 
     source = Path(source)
     if source.is_dir():
-        if not (source / "config.yaml").is_file():
-            raise UserError(f"{source} is not a natgrad run folder (no config.yaml); give a run folder or a .safetensors file")
-        cfg = config_mod.from_dict(yaml.safe_load((source / "config.yaml").read_text()))
+        cfg = config_mod.read_run_config(source)
         weights = source / "model_ema.safetensors" if ema and (source / "model_ema.safetensors").is_file() else source / "model.safetensors"
         if not weights.is_file():
             raise UserError(f"{source} holds no model.safetensors; train it to the end of an epoch first")

@@ -10,6 +10,7 @@ Run folder: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``, ``model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,8 +38,10 @@ from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup, sum_over_processes
 from natgrad.engine.evaluate import evaluate
 from natgrad.errors import NonFiniteLossError, Preempted, UserError
+from natgrad.rundir import CHECKPOINT, CONFIG, EMA_WEIGHTS, METRICS, SUMMARY, WEIGHTS, is_empty, locked, \
+    refuse_symlinks, remove_leftovers
+from natgrad.signals import StopSignals
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
 MIN_FREE_BYTES = 64 * 2**20
 
 
@@ -93,26 +95,24 @@ def seed_everything(seed: int) -> None:
 def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
     """Refuse to overwrite a run or resume an incompatible one, before any work starts."""
     if resume:
-        if not (out / "config.yaml").is_file():
+        if not (out / CONFIG).is_file():
             raise UserError(f"--resume: {out} holds no natgrad run (no config.yaml); train without --resume first")
-        saved = config_mod.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+        refuse_symlinks(out)
+        saved = config_mod.read_run_config(out)
         diff = config_mod.differences(saved, cfg)
         if diff:
             raise UserError(f"--resume: {out} was trained with another config ({'; '.join(diff[:3])}); "
                             "resume with the same recipe and overrides, or use a new --out")
         return
-    if out.exists() and (not out.is_dir() or any(not _leftover(p) for p in out.iterdir())):
+    if out.exists() and (not out.is_dir() or not is_empty(out)):
         raise UserError(f"{out} already holds files; pass --resume to continue that run, or choose another --out")
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link; give the real folder")
     parent = next(p for p in [out, *out.parents] if p.exists())
     if not parent.is_dir() or not _writable(parent):
         raise UserError(f"cannot write to {parent}; choose an --out in a writable folder")
     if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
         raise UserError(f"{parent} has under {MIN_FREE_BYTES >> 20} MB free; free space or choose another --out")
-
-
-def _leftover(path: Path) -> bool:
-    """A temporary file of an atomic write that a killed process left behind."""
-    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _writable(folder: Path) -> bool:
@@ -131,12 +131,56 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool 
     SIGTERM or SIGINT stops training at the next step boundary with a checkpoint of that step, and
     raises :class:`~natgrad.errors.Preempted`; ``resume=True`` continues from it bit-for-bit.
     """
-    with _StopSignals() as signals:
-        return _train(cfg, Path(out), resume, progress, signals)
+    out = Path(out)
+    with StopSignals() as signals, _RunFolder(out) as folder:
+        return _train(cfg, out, resume, progress, signals, folder)
 
 
-def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _StopSignals) -> dict:
+class _RunFolder:
+    """The run folder while this process trains in it: created and locked by :meth:`open`; if training
+    fails before its first checkpoint, the files this process wrote are removed again (and the folder,
+    when it made it), so that the same command can simply be run again."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.created = False
+        self.wrote = False
+        self.lock: Any = None
+
+    def open(self, main: bool, fresh: bool) -> None:
+        """Create (rank 0) and lock the folder; a fresh run must find it empty once it holds the lock."""
+        if not main:
+            return
+        self.created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = locked(self.out)
+        self.lock.__enter__()
+        if fresh and not is_empty(self.out):
+            raise UserError(f"{self.out} already holds files; pass --resume to continue that run, or choose another --out")
+        refuse_symlinks(self.out)
+        remove_leftovers(self.out)  # temporary files of writes a kill interrupted
+
+    def __enter__(self) -> _RunFolder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is not None and self.wrote and not (self.out / CHECKPOINT).is_file():
+                for name in (CONFIG, METRICS, WEIGHTS, EMA_WEIGHTS, SUMMARY):
+                    (self.out / name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    (self.out / CHECKPOINT.parent).rmdir()
+        finally:
+            if self.lock is not None:
+                self.lock.__exit__(None, None, None)
+            if exc_type is not None and self.created:
+                with contextlib.suppress(OSError):
+                    self.out.rmdir()  # only when nothing is left in it
+
+
+def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: StopSignals, folder: _RunFolder) -> dict:
     config_mod.validate(cfg)
+    config_mod.check_can_train(cfg)
     ctx = setup(cfg.device)
     if ctx.device.type == "cpu":
         # Well-fitted models have tiny input gradients; their denormal floats slow CPU arithmetic many-fold.
@@ -177,33 +221,42 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
         if ctx.is_main and progress:
             print(f"natgrad: {out} has no checkpoint yet; training from the beginning", flush=True)
         resume = False
-    if ctx.is_main and out.is_dir():  # temporary files of writes a kill interrupted
-        for leftover in [p for d in (out, out / CHECKPOINT.parent) if d.is_dir() for p in d.iterdir() if _leftover(p)]:
-            leftover.unlink(missing_ok=True)
+    folder.open(ctx.is_main, fresh=not resume)
+    epoch_open = False  # the checkpoint's last epoch is trained but not yet evaluated and written
     if resume:
         state = ckpt.load_state(out / CHECKPOINT)
-        ckpt.load_state_dict(model, state["model"], out / CHECKPOINT)
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step, elapsed, sums = state["step"], state["elapsed"], state["epoch_sums"]
-        ckpt.set_rng_state(state["rng"])
-        last_metrics = _metrics_up_to(out, step // steps_per_epoch, ctx.is_main)
-        if step >= total_steps and (out / "summary.json").is_file():
+        try:
+            ckpt.load_state_dict(model, state["model"], out / CHECKPOINT)
+            optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            step, elapsed, sums = int(state["step"]), float(state["elapsed"]), dict(state["epoch_sums"])
+            epoch_open = bool(state.get("epoch_open", False))
+            ckpt.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            raise UserError(f"{out / CHECKPOINT} does not fit this run ({type(e).__name__}: {str(e)[:120]}); it was "
+                            "written by another version or optimizer: train into a new --out") from None
+        if not 0 <= step <= total_steps:
+            raise UserError(f"{out / CHECKPOINT} is at step {step}, outside this run's 0..{total_steps}; "
+                            "train into a new --out")
+        last_metrics = _metrics_up_to(out, step // steps_per_epoch - epoch_open, ctx.is_main)
+        if step >= total_steps and not epoch_open and (out / SUMMARY).is_file():
             if ctx.is_main and progress:
                 print(f"natgrad: {out} already finished all {cfg.epochs} epochs; nothing to do", flush=True)
-            return json.loads((out / "summary.json").read_text())
+            return json.loads((out / SUMMARY).read_text())
     elif ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # of a run killed before its first checkpoint
-        ckpt.atomic_write_text(out / "config.yaml", yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+        (out / METRICS).unlink(missing_ok=True)  # of a run killed before its first checkpoint
+        folder.wrote = True
+        ckpt.atomic_write_text(out / CONFIG, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(open_sums: dict | None = None) -> None:
+        """The state at the current step; ``open_sums``: the epoch's training is done, its end is not."""
         if ctx.is_main:
             ckpt.save_state(out / CHECKPOINT, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
-                "step": step, "elapsed": elapsed, "epoch_sums": sums, "rng": ckpt.rng_state(),
+                "step": step, "elapsed": elapsed, "epoch_sums": sums if open_sums is None else open_sums,
+                "epoch_open": open_sums is not None, "rng": ckpt.rng_state(),
             })
 
     eval_model = ema.module if ema is not None else model
@@ -212,7 +265,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
         print(f"natgrad: {cfg.method} on {cfg.data.name} ({len(train_ds)} train / {len(eval_ds)} eval images), "
               f"{cfg.model.name}, {cfg.epochs} epochs of {steps_per_epoch} steps, eps={cfg.eps:.4g}, device={ctx.device}"
               + (f", {ctx.world} processes" if ctx.world > 1 else ""), flush=True)
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
+    for epoch in range(step // steps_per_epoch - epoch_open, cfg.epochs):
         model.train()
         start = step - epoch * steps_per_epoch
         loader = data.train_loader(train_ds, cfg, epoch, ctx.rank, ctx.world, start=start)
@@ -241,8 +294,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
                 parts = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
                 where = f"non-finite {fault} at step {step} (epoch {epoch + 1}): loss={loss.item()}, {parts}"
                 if cfg.on_nonfinite == "stop":
-                    raise NonFiniteLossError(f"{where}; the last good checkpoint is kept in {out / CHECKPOINT}; lower lr "
-                                             "or the regularization weight, or set on_nonfinite=skip")
+                    raise NonFiniteLossError(f"{where}; {_kept(out)}; lower lr or the regularization weight, or set "
+                                             "on_nonfinite=skip")
                 optimizer.zero_grad(set_to_none=True)  # skipped: the parameters and EMA stay as they were
                 sums["skipped_steps"] = sums.get("skipped_steps", 0) + 1
                 if ctx.is_main and progress:
@@ -265,9 +318,10 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
             if unreadable > cfg.data.max_unreadable:
                 raise UserError(f"{unreadable} unreadable images skipped in epoch {epoch + 1}, more than "
                                 f"data.max_unreadable={cfg.data.max_unreadable}; check the files under {cfg.data.root} "
-                                f"or raise the limit (the last good checkpoint is kept in {out / CHECKPOINT})")
-            stop = signals.received(ctx)
+                                f"or raise the limit ({_kept(out)})")
+            stop = _received(signals, ctx)
             if stop is not None and step % steps_per_epoch:  # at an epoch's end the epoch is finished first
+                signals.act()
                 elapsed += time.perf_counter() - t0
                 save_checkpoint()
                 bar.close()
@@ -281,6 +335,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
         bar.close()
         train_seconds = time.perf_counter() - t0
         elapsed += train_seconds
+        open_sums = dict(sums)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step}
         n_steps = max(sums.pop("steps", 1), 1)
         metrics["train_loss"] = sums.pop("loss", math.nan) / n_steps
@@ -292,27 +347,36 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
         sums = {}
         if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
             t1 = time.perf_counter()
-            result = evaluate(eval_model, eval_ds, cfg.eps, cfg.eval.pgd_steps, cfg.eval.batch_size, ctx,
-                              seed=cfg.seed, progress=progress)
+            try:  # a signal during the evaluation stops it at once; a signal before it lets it finish first
+                with signals.raise_now() if signals.signum is None else nullcontext():
+                    result = evaluate(eval_model, eval_ds, cfg.eps, cfg.eval.pgd_steps, cfg.eval.batch_size, ctx,
+                                      seed=cfg.seed, progress=progress)
+            except Preempted as stopped:
+                save_checkpoint(open_sums)
+                raise Preempted(f"stopped by {signal.Signals(stopped.exit_code - 128).name} while evaluating epoch "
+                                f"{epoch + 1}; the checkpoint is saved in {out / CHECKPOINT}: run the same command "
+                                "with --resume to evaluate it and continue", stopped.exit_code - 128) from None
             metrics.update({"clean_acc": result["clean_acc"], "pgd_acc": result["pgd_acc"], "pgd_steps": result["pgd_steps"],
                             "eval_n": result["n"], "eval_seconds": time.perf_counter() - t1})
-        metrics.update({"lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds, "elapsed": elapsed,
-                        "images_per_s": (steps_per_epoch - start) * cfg.batch_size / max(train_seconds, 1e-9)})
+        metrics.update({"lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds, "elapsed": elapsed})
+        if start < steps_per_epoch:  # not an epoch whose training a previous run finished
+            metrics["images_per_s"] = (steps_per_epoch - start) * cfg.batch_size / max(train_seconds, 1e-9)
         last_metrics = metrics
         if ctx.is_main:
             # Weights and metrics before the checkpoint: a kill in between repeats the epoch (its metrics line
             # is dropped on resume) and ends with the same files.
-            ckpt.save_weights(model, out / "model.safetensors")
+            ckpt.save_weights(model, out / WEIGHTS)
             if ema is not None:
-                ckpt.save_weights(ema.module, out / "model_ema.safetensors")
-            with open(out / "metrics.jsonl", "a") as f:
+                ckpt.save_weights(ema.module, out / EMA_WEIGHTS)
+            with open(out / METRICS, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             save_checkpoint()
             if progress:
                 print(_epoch_line(metrics, cfg.epochs), flush=True)
         epochs_this_run += 1
-        stop = signals.received(ctx)
-        if stop is not None and epoch + 1 < cfg.epochs:
+        stop = _received(signals, ctx)
+        if stop is not None and epoch + 1 < cfg.epochs:  # after the last one the run completes, then stops
+            signals.act()
             raise Preempted(f"stopped by {signal.Signals(stop).name} after epoch {epoch + 1}; the checkpoint is saved "
                             f"in {out / CHECKPOINT}: run the same command with --resume to continue", stop)
         if cfg.stop_after is not None and epochs_this_run >= cfg.stop_after and epoch + 1 < cfg.epochs:
@@ -325,14 +389,14 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: _St
                "train_seconds": elapsed, "world_size": ctx.world, "device": str(ctx.device),
                "ema": ema is not None, **{k: v for k, v in last_metrics.items() if k not in ("epoch", "step")}}
     if ctx.is_main:
-        ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        ckpt.atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
     return summary
 
 
 def _metrics_up_to(out: Path, epochs: int, main: bool) -> dict[str, Any]:
     """Keep the metrics lines of the first ``epochs`` epochs (a later line belongs to an epoch that the
     checkpoint does not hold, and will be made again); returns the last one kept."""
-    path = out / "metrics.jsonl"
+    path = out / METRICS
     lines = path.read_text().splitlines() if path.is_file() else []
     kept = []
     for line in lines:
@@ -353,40 +417,20 @@ def _finite(value: torch.Tensor, ctx: Context) -> bool:
     return sum_over_processes(bad, ctx.world).item() == 0
 
 
-class _StopSignals:
-    """SIGTERM and SIGINT while training: noted, so that the loop can checkpoint and stop between steps.
+def _received(signals: StopSignals, ctx: Context) -> int | None:
+    """The signal received by any process since training started, or None (all processes agree)."""
+    if ctx.world > 1:
+        flag = torch.tensor([float(signals.signum or 0)], device=ctx.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+    return signals.signum
 
-    Handlers are installed only in the main thread (elsewhere Python cannot), and the previous ones come
-    back when the ``with`` block ends. Under torchrun every process stops at the same step.
-    """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._note)
-
-    def _note(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def received(self, ctx: Context) -> int | None:
-        """The signal received by any process since training started, or None."""
-        if ctx.world > 1:
-            flag = torch.tensor([float(self.signum or 0)], device=ctx.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            return int(flag.item()) or None
-        return self.signum
-
-    def __enter__(self) -> _StopSignals:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
+def _kept(out: Path) -> str:
+    """What is left of the run after a failure, in words."""
+    if (out / CHECKPOINT).is_file():
+        return f"the last good checkpoint is kept in {out / CHECKPOINT}"
+    return "no checkpoint had been written yet, so the run folder was cleared: run the same command again"
 
 
 def _epoch_line(m: dict, epochs: int) -> str:
