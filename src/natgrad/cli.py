@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
+import dataclasses
 import json
-import shutil
+import os
 import sys
+import tempfile
 import time
 import typing
 from pathlib import Path
@@ -15,6 +15,8 @@ from pathlib import Path
 from natgrad import config
 from natgrad.analysis.analyze import ANALYSES
 from natgrad.errors import Preempted, UserError
+from natgrad.rundir import ANALYSIS, EVAL, refuse_symlinks
+from natgrad.signals import StopSignals
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -46,10 +48,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     attacks = rb.parse_attacks(args.attacks)
     eps = rb.parse_eps(args.eps) if args.eps else None
     steps = _int_list(args.pgd_steps, "--pgd-steps")
-    if args.n is not None and args.n < 1:
-        raise UserError(f"--n {args.n} must be at least 1")
-    if args.square_queries is not None and args.square_queries < 1:
-        raise UserError(f"--square-queries {args.square_queries} must be at least 1")
+    for flag, value in (("--n", args.n), ("--square-queries", args.square_queries), ("--batch-size", args.batch_size),
+                        ("--restarts", args.restarts)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} must be at least 1")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed} must be in [0, 2^32)")
+    run_dir = Path(args.source) if Path(args.source).is_dir() else None
+    json_path = Path(args.json) if args.json else (run_dir / EVAL if run_dir else None)
+    plots = Path(args.plots) if args.plots else (run_dir or Path("."))
+    # Every destination is checked before minutes of attacks, not after them.
+    if json_path is not None:
+        ckpt.check_destination(json_path, "json", "--json")
+    if args.robustbench_json:
+        ckpt.check_destination(Path(args.robustbench_json), "json", "--robustbench-json")
+    if any(a in rb.SWEEPS for a in attacks):
+        ckpt.check_destination(plots, "folder", "--plots")
+    if run_dir is not None:
+        refuse_symlinks(run_dir)
     ctx = setup(args.device)
     loaded = rb.load_model(args.source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
     cfg = loaded.cfg
@@ -63,21 +79,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                             f"{info(cfg.data).image_size}px; give a source model with the same input shape")
         source = src.model
     aa_attacks = [a.strip() for a in args.aa_attacks.split(",")] if args.aa_attacks else None
-    # A run folder keeps AutoAttack's progress by default, so that an interrupted evaluation continues;
-    # one folder per evaluation (what decides AutoAttack's work), removed when it finishes.
-    default_state = None
-    if Path(args.source).is_dir():
-        what = json.dumps([attacks, eps, len(ds), args.seed, args.batch_size, args.square_queries, aa_attacks])
-        default_state = Path(args.source) / "autoattack-state" / hashlib.sha1(what.encode()).hexdigest()[:12]
-    state_dir = Path(args.aa_state) if args.aa_state else default_state
     settings = rb.EvalSettings(attacks=attacks, eps=eps or [cfg.eps], pgd_steps=tuple(steps), restarts=args.restarts,
                                batch_size=args.batch_size, seed=args.seed, aa_attacks=aa_attacks, source=source,
-                               progress=not args.quiet, state_dir=state_dir,
-                               square_queries=args.square_queries)
+                               progress=not args.quiet, square_queries=args.square_queries)
+    # A run folder keeps AutoAttack's progress by default, so that an interrupted evaluation continues;
+    # one folder per weights and settings, removed when the evaluation finishes.
+    default_state = rb.autoattack_state_dir(run_dir, loaded.model, settings, len(ds)) if run_dir else None
+    state_dir = Path(args.aa_state) if args.aa_state else default_state
+    settings = dataclasses.replace(settings, state_dir=state_dir)
     if args.robustbench_json:
         rb.check_robustbench(cfg, settings)
     out = rb.evaluate_model(loaded.model, ds, settings, ctx)
-    report = {"model": loaded.name, "weights": str(loaded.weights), "architecture": cfg.model.name, "method": cfg.method,
+    report = {"model": loaded.name, "weights": str(loaded.weights), "weights_sha256": loaded.sha256,
+              "architecture": cfg.model.name, "method": cfg.method,
               "dataset": cfg.data.name, "n": len(ds), "world_size": ctx.world, **out}
     if args.sanity:
         report["sanity"] = rb.sanity_checks(loaded.model, ds, settings, ctx, info(cfg.data).num_classes,
@@ -89,24 +103,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"natgrad: warning: {warning}")
     if "sanity" in report:
         print(rb.format_sanity(report["sanity"]))
-    plots = Path(args.plots) if args.plots else (Path(args.source) if Path(args.source).is_dir() else Path("."))
+    if json_path is not None:
+        text = json.dumps(report, indent=2)
+        _write_or_keep(lambda: ckpt.atomic_write_text(json_path, text), text, json_path, "results")
+        print(f"natgrad: results in {json_path}")
     for kind, sweep in out["sweeps"].items():
         path = plots / f"{kind}-sweep.png"
         plots.mkdir(parents=True, exist_ok=True)
         rb.plot_sweep(sweep, kind, path, f"{loaded.name} ({cfg.method}, n={sweep['n']})")
         print(f"natgrad: {kind} sweep figure {path}")
-    json_path = Path(args.json) if args.json else (Path(args.source) / "eval.json" if Path(args.source).is_dir() else None)
-    if json_path is not None:
-        ckpt.atomic_write_text(json_path, json.dumps(report, indent=2))
-        print(f"natgrad: results in {json_path}")
     if args.robustbench_json:
-        info_json = rb.robustbench_info(loaded.name, cfg, out["results"])
-        ckpt.atomic_write_text(Path(args.robustbench_json), json.dumps(info_json, indent=2))
+        rb_path, rb_text = Path(args.robustbench_json), json.dumps(rb.robustbench_info(loaded.name, cfg, out["results"]))
+        _write_or_keep(lambda: ckpt.atomic_write_text(rb_path, rb_text), rb_text, rb_path, "RobustBench entry")
     if state_dir == default_state and state_dir is not None:  # finished: nothing left to continue
-        shutil.rmtree(state_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            state_dir.parent.rmdir()  # when no other evaluation left its progress there
+        rb.remove_autoattack_state(state_dir)
     return 0
+
+
+def _write_or_keep(write: typing.Callable[[], object], text: str, path: Path, what: str) -> None:
+    """Run ``write`` (which writes ``path``); when it fails, keep ``text`` in a file of the temporary folder
+    (or on stdout) and say where, so that minutes of work are not lost to a full disk or a read-only folder."""
+    try:
+        write()
+        return
+    except OSError as e:
+        reason = e.strerror or str(e)
+    try:
+        fd, kept = tempfile.mkstemp(prefix=f"natgrad-{path.stem}-", suffix=path.suffix or ".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        where = f"they are kept in {kept}"
+    except OSError:
+        print(text)
+        where = "they are printed above"
+    raise UserError(f"cannot write {path} ({reason}); the {what} are not lost: {where}")
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -117,6 +147,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         parse_analyses,
         write_analysis,
     )
+    from natgrad.engine import checkpoint as ckpt
     from natgrad.engine import robustness as rb
     from natgrad.engine.distributed import setup
 
@@ -129,9 +160,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     eps = rb.parse_eps(args.eps) if args.eps else None
     if eps is not None and len(eps) != 1:
         raise UserError("analyze takes one --eps value")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed} must be in [0, 2^32)")
     source = Path(args.source)
-    out = Path(args.out) if args.out else (source / "analysis" if source.is_dir() else Path(f"analysis-{source.stem}"))
+    out = Path(args.out) if args.out else (source / ANALYSIS if source.is_dir() else Path(f"analysis-{source.stem}"))
+    ckpt.check_destination(out, "folder", "--out")
     check_out(out)
+    if source.is_dir():
+        refuse_symlinks(source)
     ctx = setup(args.device)
     loaded = rb.load_model(source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
     ds = rb.eval_dataset(loaded.cfg, args.n if args.n is not None else min(1000, len(rb.eval_dataset(loaded.cfg, None))))
@@ -140,7 +176,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     summary, arrays = analyze(loaded.model, ds, settings, ctx.device)
     summary = {"model": loaded.name, "method": loaded.cfg.method, "architecture": loaded.cfg.model.name,
                "dataset": loaded.cfg.data.name, **summary}
-    path = write_analysis(summary, arrays, out)
+    summary = {**summary, "weights_sha256": loaded.sha256}
+    text = json.dumps(summary, indent=2, default=str)
+    _write_or_keep(lambda: write_analysis(summary, arrays, out), text, out / "analysis.json", "analysis numbers")
+    path = out / "analysis.json"
     print(_analysis_table(summary))
     print(f"natgrad: analysis in {path}")
     return 0
@@ -190,8 +229,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from natgrad.engine import bench
     from natgrad.engine import checkpoint as ckpt
 
-    if args.json and Path(args.json).is_dir():
-        raise UserError(f"--json {args.json} is a folder; give a file name, e.g. {Path(args.json) / 'bench.json'}")
+    if args.json:
+        ckpt.check_destination(Path(args.json), "json", "--json")
     settings = bench.BenchSettings(
         recipe=args.recipe, overrides=args.overrides, model=args.model, act=args.act, input_size=args.input_size,
         channels=args.channels, batch=args.batch, methods=bench.parse_methods(args.methods), device=args.device,
@@ -356,9 +395,15 @@ def main(argv: list[str] | None = None) -> int:
         if extra and args.command not in ("train", "bench", "reproduce"):
             parser.error(f"{args.command} takes no key=value overrides")
         args.overrides = extra
-        return args.func(args)
+        with StopSignals(raising=True):  # SIGTERM stops every command; training checkpoints first
+            return args.func(args)
     except UserError as e:
-        print(f"natgrad: error: {e}", file=sys.stderr)
+        print(f"natgrad: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder, a file size limit: the machine's, not natgrad's
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"natgrad: error: {_one_line(e.strerror or str(e))}{where}; free space or choose a writable place, "
+              "then run the same command again", file=sys.stderr)
         return 2
     except SystemExit as e:  # argparse's own errors and --help
         return int(e.code or 0)
@@ -368,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("natgrad: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    """A message as one line of at most ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from pyautoattack import AutoAttack, checks
 from pyautoattack.autoattack import AttackName
 from torch import nn
 
-from natgrad.attacks.pgd import eval_mode, frozen_parameters
+from natgrad.attacks.pgd import eval_mode, finite_logits, frozen_parameters
+from natgrad.engine.checkpoint import model_digest, save_state
 from natgrad.errors import UserError, check_choice
 
 RESULT_NAMES = {"standard": "autoattack", "plus": "autoattack-plus", "custom": "autoattack-custom"}
@@ -58,8 +59,8 @@ def autoattack(
         batch_size: images per forward pass.
         seed: seeds every attack; the caller's random streams are left as they were.
         state_path: file that records the evaluation after each attack (atomically); a call that finds a
-            matching file (same eps, version, attacks, seed, n and labels) continues from it, and a finished
-            one returns its result without attacking. A file from another evaluation is a :class:`UserError`.
+            matching file (same weights, eps, version, attacks, seed, images and labels) continues from it, and
+            a finished one returns its result without attacking. A file from another evaluation is a :class:`UserError`.
         verbose: print the clean accuracy, the robust accuracy after each attack and AutoAttack's warnings.
         square_queries: Square's query budget; default AutoAttack's 5000 (fewer is a weaker attack).
 
@@ -82,16 +83,14 @@ def autoattack(
         adversary.square.n_queries = square_queries
     order = list(adversary.attacks_to_run)
     path = None if state_path is None else Path(state_path)
-    key = {"eps": float(eps), "version": version, "attacks": order, "seed": seed, "n": len(x),
-           "square_queries": adversary.square.n_queries,
-           "labels_sha256": hashlib.sha256(y.cpu().numpy().tobytes()).hexdigest()}
+    key = _state_key(model, x, y, eps, version, order, seed, adversary.square.n_queries) if path is not None else {}
     state = _load_state(path, key) if path is not None and path.exists() else None
 
     with (frozen_parameters(model), eval_mode(model), _own_rng(x.device),
           _captured_warnings(adversary.logger) as new_warnings):
         if state is None:
             with torch.no_grad():
-                logits = torch.cat([model(chunk) for chunk in x.split(batch_size)])
+                logits = finite_logits(torch.cat([model(chunk) for chunk in x.split(batch_size)]), "the clean images")
             clean = logits.argmax(1) == y
             state = {"n_classes": logits.shape[1], "clean": clean, "robust": clean.clone(), "x_fooled": x[:0],
                      "per_attack": [], "warnings": []}
@@ -223,6 +222,15 @@ def _own_rng(device: torch.device) -> Iterator[None]:
         yield
 
 
+def _state_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str, order: list[str],
+               seed: int, square_queries: int) -> dict[str, Any]:
+    """Everything that changes the numbers, the weights first: saved progress never speaks for another model."""
+    return {"model_sha256": model_digest(model), "eps": float(eps), "version": version, "attacks": order, "seed": seed,
+            "n": len(x), "square_queries": square_queries,
+            "images_sha256": hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
+            "labels_sha256": hashlib.sha256(y.cpu().numpy().tobytes()).hexdigest()}
+
+
 def _load_state(path: Path, key: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -236,10 +244,7 @@ def _load_state(path: Path, key: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_state(path, state)
 
 
 def attack_names(version: str, attacks: Sequence[str] | None = None) -> list[str]:

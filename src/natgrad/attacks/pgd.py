@@ -23,6 +23,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def finite_logits(logits: torch.Tensor, what: str = "these images") -> torch.Tensor:
+    """``logits``, or a :class:`UserError` when any is NaN or infinite: an accuracy counted from them
+    would be a number about broken weights, not about robustness."""
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).any(1).sum().item() if logits.ndim == 2 else "some"
+        raise UserError(f"the model's outputs are NaN or infinite on {bad} of {len(logits)} of {what}: its weights are "
+                        "damaged (or it diverged in training); evaluate other weights")
+    return logits
+
+
 @contextmanager
 def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """Stop parameters from requiring grad for the block, so that no ``backward()`` fills ``.grad``."""

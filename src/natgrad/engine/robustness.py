@@ -8,8 +8,12 @@ the result is ``{"attack", "eps", "n", "robust_acc", ...}``; ``clean`` is the at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import math
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +25,12 @@ from tqdm.auto import tqdm
 
 from natgrad import config as config_mod
 from natgrad import data
-from natgrad.attacks import eval_mode, pgd
+from natgrad.attacks import eval_mode, finite_logits, pgd
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.distributed import Context, gather_unique, sum_over_processes
 from natgrad.errors import UserError, did_you_mean
+from natgrad.rundir import AUTOATTACK_STATE, EMA_WEIGHTS, WEIGHTS
 
 PER_EPS = ("clean", "pgd", "pgd-l2dir", "autoattack", "autoattack-plus", "autoattack-custom", "transfer")
 SWEEPS = ("eps-sweep", "steps-sweep")
@@ -39,6 +44,7 @@ class LoadedModel:
     model: nn.Module
     weights: Path
     name: str
+    sha256: str  # of the loaded weights and buffers (checkpoint.model_digest)
 
 
 def load_model(source: str | Path, recipe: str | None = None, model_name: str | None = None,
@@ -49,7 +55,7 @@ def load_model(source: str | Path, recipe: str | None = None, model_name: str | 
     source = Path(source)
     if source.is_dir():
         cfg = config_mod.read_run_config(source)
-        weights = source / "model_ema.safetensors" if ema and (source / "model_ema.safetensors").is_file() else source / "model.safetensors"
+        weights = source / EMA_WEIGHTS if ema and (source / EMA_WEIGHTS).is_file() else source / WEIGHTS
         if not weights.is_file():
             raise UserError(f"{source} holds no model.safetensors; train it to the end of an epoch first")
         name = source.name
@@ -64,7 +70,7 @@ def load_model(source: str | Path, recipe: str | None = None, model_name: str | 
         cfg.model.name = model_name
     model = build_model(cfg)
     ckpt.load_weights(model, weights)
-    return LoadedModel(cfg, model.to(device).eval(), weights, name)
+    return LoadedModel(cfg, model.to(device).eval(), weights, name, ckpt.model_digest(model))
 
 
 def eval_dataset(cfg: RunConfig, n: int | None) -> Dataset:
@@ -119,7 +125,7 @@ def _accuracy_counts(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSetting
     for x, y in shard_batches(ds, s.batch_size, ctx, s.seed, desc, s.progress):
         x_adv = x if perturb is None else perturb(x, y)
         with torch.no_grad():
-            counts[1] += (model(x_adv).argmax(1) == y).sum().item()
+            counts[1] += (finite_logits(model(x_adv), f"the images of {desc}").argmax(1) == y).sum().item()
         counts[0] += len(y)
     counts = sum_over_processes(counts.to(ctx.device), ctx.world).cpu()
     return int(counts[0]), int(counts[1])
@@ -147,6 +153,22 @@ class EvalSettings:
     progress: bool = True
     state_dir: Path | None = None  # AutoAttack saves its progress here per batch and resumes from it
     square_queries: int | None = None  # None: AutoAttack's 5000
+
+
+def autoattack_state_dir(run: Path, model: nn.Module, s: EvalSettings, n: int) -> Path:
+    """Where a run folder keeps AutoAttack's progress for one evaluation: a folder per digest of the weights
+    and of every setting that decides AutoAttack's work, so that an interrupted evaluation continues and
+    no other weights or settings can ever pick its numbers up."""
+    what = json.dumps([ckpt.model_digest(model), s.attacks, s.eps, n, s.seed, s.batch_size, s.square_queries,
+                       s.aa_attacks])
+    return Path(run) / AUTOATTACK_STATE / hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+def remove_autoattack_state(state_dir: Path) -> None:
+    """Delete a finished evaluation's progress (and the parent folder when no other evaluation left any)."""
+    shutil.rmtree(state_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        state_dir.parent.rmdir()
 
 
 def step_size(eps: float) -> float:
@@ -218,7 +240,7 @@ def deterministic(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings) 
     """Whether two forward passes of the first batch, in the model's current mode, give the same logits."""
     x = next(shard_batches(ds, s.batch_size, Context(0, 1, ctx.device), s.seed, "determinism", False))[0]
     with torch.no_grad():
-        return bool(torch.equal(model(x), model(x)))
+        return bool(torch.equal(finite_logits(model(x), "the first clean batch"), model(x)))
 
 
 def default_sweep_eps(eps: float) -> list[float]:
@@ -249,7 +271,7 @@ def _steps_sweep(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings) -
         for x, y in shard_batches(ds, s.batch_size, ctx, s.seed, f"steps-sweep {steps}", s.progress):
             x_adv = pgd(model, x, y, eps, steps, step_size(eps), random_start=True)
             with torch.no_grad():
-                logits = model(x_adv)
+                logits = finite_logits(model(x_adv), f"the images of steps-sweep {steps}")
                 totals += torch.tensor([len(y), (logits.argmax(1) == y).sum().item(),
                                         torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()],
                                        dtype=torch.float64)
@@ -304,7 +326,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         eps = r["eps"]
         eps_text = f"{eps:.4g}"
-        if eps > 0 and math.isclose(eps * 255, round(eps * 255), abs_tol=1e-6):
+        if round(eps * 255) >= 1 and math.isclose(eps * 255, round(eps * 255), abs_tol=1e-6):
             eps_text += f" ({round(eps * 255)}/255)"
         lines.append(f"{r['attack']:<20} {eps_text:>16} {r['n']:>7} {100 * r['robust_acc']:>8.2f}%")
     return "\n".join(lines)

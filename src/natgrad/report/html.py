@@ -15,7 +15,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from natgrad.engine.checkpoint import atomic_write_text
+from natgrad.engine.checkpoint import atomic_write_text, check_destination
 from natgrad.errors import UserError
 from natgrad.report import figures, tables
 from natgrad.report.formatting import MISSING
@@ -104,8 +104,7 @@ def build_report(run_dirs: Sequence[Path | str], intro: Sequence[str] = (), mode
 def write_report(run_dirs: Sequence[Path | str], out: Path, intro: Sequence[str] = (), model_figures: bool = True) -> Path:
     """Build the report and write it to ``out`` atomically (temp file, then rename); returns ``out``."""
     out = Path(out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
+    check_destination(out, "html", "--out")  # before the work: never replaces weights or other files
     text = build_report(run_dirs, intro, model_figures).encode("ascii", "xmlcharrefreplace").decode("ascii")  # any locale can write it
     try:
         atomic_write_text(out, text)
