@@ -599,6 +599,10 @@ def read_run_config(run: str | os.PathLike) -> RunConfig:
     if not path.is_file():
         raise UserError(f"{run} is not a natgrad run folder (no config.yaml); give a run folder")
     data = read_yaml_mapping(path, str(path))
+    missing = [k for k in ("method", "data", "model") if k not in data]
+    if missing:  # natgrad writes every key: a file without these was not written by `natgrad train`
+        raise UserError(f"{path} lacks {', '.join(missing)}; it is not a config natgrad wrote: restore it or "
+                        "train the run again")
     try:
         cfg = from_dict(data)
         validate(cfg)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from natgrad.pipeline import (BENCH_FILE, Experiment, Grid, Sizes, check_out, check_runs, format_summary, html_table,
+from natgrad.pipeline import (BENCH_FILE, Experiment, Grid, Sizes, check_data, check_out, check_runs, format_summary, html_table,
                               read_json, result_rows, run_stages, stages, summary_columns, write_state)
 
 MARKER = "natgrad-demo"
@@ -124,6 +124,7 @@ def run_demo(out: Path | str = Path("runs/demo"), settings: Sizes | None = None,
     say = log or (lambda text: print(text, flush=True))
     saved = check_out(out, MARKER, DEMO_FILE, s.as_json())
     check_runs(out, GRID, s)
+    check_data(GRID, s, out)
     todo = stages(out, GRID, s, progress)
     state = saved or {"format": MARKER, "settings": s.as_json(), "stages": {}}
     out.mkdir(parents=True, exist_ok=True)

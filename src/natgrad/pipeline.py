@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from natgrad.files import check_destination
 from natgrad.errors import Preempted, UserError
+from natgrad.rundir import EVAL
 
 BENCH_FILE = "bench.json"
 
@@ -143,6 +145,9 @@ def check_out(out: Path, marker: str, state_file: str, settings: dict) -> dict |
         raise UserError(f"--out {out}: {state_file} is unreadable ({e}); give a new folder") from None
     if not isinstance(saved, dict) or saved.get("format") != marker:
         raise UserError(f"--out {out} holds a {state_file} that {tool} did not write; give a new folder")
+    if not saved.get("stages") and not saved.get("interrupted") and not any(
+            p.name != state_file for p in out.iterdir()):
+        return None  # written by a start that stopped before any work: it binds nothing
     if saved.get("settings") != settings:
         diff = _differences(saved.get("settings") or {}, settings)
         raise UserError(f"--out {out} holds a {tool.split()[-1]} made with other settings ({'; '.join(diff[:3])}); "
@@ -169,6 +174,14 @@ def check_runs(out: Path, grid: Grid, sizes: Sizes) -> None:
             if diff:
                 raise UserError(f"{out / e.name} was trained with another configuration than {e.recipe} gives now "
                                 f"({'; '.join(diff[:3])}); give a new --out to run the grid again")
+
+
+def check_data(grid: Grid, sizes: Sizes, out: Path) -> None:
+    """Fail before anything is written when the grid's dataset cannot be read (missing, or not where
+    data.root says)."""
+    from natgrad import data
+
+    data.build(grid.experiments[0].config(sizes, out, with_init=False), "test")
 
 
 def write_state(out: Path, state_file: str, state: dict) -> None:
@@ -208,6 +221,7 @@ def eval_stage(run: Path, s: Sizes, progress: bool) -> str:
     cfg = run_config(run)
     ctx = setup(cfg.device)
     loaded = rb.load_model(run, device=ctx.device)
+    check_destination(run / EVAL, "json", "eval.json")
     base = rb.EvalSettings(attacks=["clean", "pgd"], eps=[cfg.eps], pgd_steps=(s.pgd_steps,), progress=progress)
     t0 = time.perf_counter()
     out = rb.evaluate_model(loaded.model, rb.eval_dataset(cfg, s.n_eval), base, ctx)
@@ -216,11 +230,14 @@ def eval_stage(run: Path, s: Sizes, progress: bool) -> str:
                               dataclasses.replace(base, attacks=["eps-sweep"], sweep_eps=grid), ctx)
     t1 = time.perf_counter()
     aa_settings = dataclasses.replace(base, attacks=["autoattack"], batch_size=s.autoattack_batch,
-                                      state_dir=run / "autoattack-state", square_queries=s.square_queries)
+                                      square_queries=s.square_queries)
+    state_dir = rb.autoattack_state_dir(run, loaded.model, aa_settings, s.n_autoattack)
+    aa_settings = dataclasses.replace(aa_settings, state_dir=state_dir)
     aa = rb.evaluate_model(loaded.model, rb.eval_dataset(cfg, s.n_autoattack), aa_settings, ctx)
     t2 = time.perf_counter()
     results = out["results"] + aa["results"]
-    report = {"model": loaded.name, "weights": str(loaded.weights), "architecture": cfg.model.name,
+    report = {"model": loaded.name, "weights": str(loaded.weights), "weights_sha256": loaded.sha256,
+              "architecture": cfg.model.name,
               "method": cfg.method, "dataset": cfg.data.name, "n": s.n_eval, "autoattack_n": s.n_autoattack,
               "sweep_n": s.n_sweep, "world_size": ctx.world, "results": results, "sweeps": sweep["sweeps"],
               "integrity": {**out["integrity"], "autoattack_warnings": aa["integrity"]["autoattack_warnings"]}}
@@ -230,8 +247,8 @@ def eval_stage(run: Path, s: Sizes, progress: bool) -> str:
         rb.plot_sweep(curve, kind, run / f"{kind}-sweep.png", f"{loaded.name} ({cfg.method}, n={curve['n']})")
     if progress:
         print(rb.format_table(results), flush=True)
-    ckpt.atomic_write_text(run / "eval.json", json.dumps(report, indent=2))
-    shutil.rmtree(run / "autoattack-state", ignore_errors=True)
+    ckpt.atomic_write_text(run / EVAL, json.dumps(report, indent=2))
+    rb.remove_autoattack_state(state_dir)
     return f"clean, PGD-{s.pgd_steps} and eps sweep {t1 - t0:.1f} s, AutoAttack {t2 - t1:.1f} s"
 
 
@@ -337,7 +354,7 @@ def run_stages(out: Path, tool: str, state_file: str, state: dict, todo: Sequenc
                 write_state(out, state_file, state)
             say(f"{tool}: stopped during {stage.name}; run the same command again to continue from there")
             if isinstance(exc, Preempted):  # training's own advice (--resume) does not apply here
-                raise Preempted(f"stopped by a signal during {stage.name}, with a checkpoint; run the same command "
+                raise Preempted(f"stopped by a signal during {stage.name}, its progress kept; run the same command "
                                 "again to continue", exc.exit_code - 128) from None
             raise
         seconds = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from natgrad.errors import UserError, did_you_mean
-from natgrad.pipeline import (BENCH_FILE, Experiment, Grid, Sizes, check_out, check_runs, format_summary, html_table,
+from natgrad.pipeline import (BENCH_FILE, Experiment, Grid, Sizes, check_data, check_out, check_runs, format_summary, html_table,
                               is_main_process, read_json, result_rows, run_stages, stages, summary_columns,
                               text_table, write_state)
 
@@ -440,6 +440,7 @@ def run_reproduce(dataset: str, out: Path | str | None = None, budget: str = "fu
     for e in grid.experiments:  # every recipe and override is checked before any work starts
         e.config(sizes, out, with_init=False)
     check_runs(out, grid, sizes)
+    check_data(grid, sizes, out)
     todo = stages(out, grid, sizes, progress)
     state = saved or {"format": MARKER, "settings": settings, "stages": {}}
     main = is_main_process()

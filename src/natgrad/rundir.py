@@ -70,6 +70,20 @@ class RunLock:
         self.path = Path(folder) / LOCK
         self.fd: int | None = None
 
+    def refuse_if_held(self) -> None:
+        """Fail fast, taking nothing, when another process holds the lock."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"{self.path.parent} is in use by another natgrad process{self._owner()}; wait for "
+                            "it to finish or choose another --out") from None
+        finally:
+            os.close(fd)
+
     def acquire(self) -> RunLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

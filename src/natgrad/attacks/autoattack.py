@@ -25,8 +25,9 @@ from pyautoattack.autoattack import AttackName
 from torch import nn
 
 from natgrad.attacks.pgd import eval_mode, finite_logits, frozen_parameters
-from natgrad.engine.checkpoint import model_digest, save_state
+from natgrad.digest import model_digest
 from natgrad.errors import UserError, check_choice
+from natgrad.files import atomic_write
 
 RESULT_NAMES = {"standard": "autoattack", "plus": "autoattack-plus", "custom": "autoattack-custom"}
 ATTACKS: tuple[str, ...] = get_args(AttackName)
@@ -244,7 +245,7 @@ def _load_state(path: Path, key: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    save_state(path, state)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def attack_names(version: str, attacks: Sequence[str] | None = None) -> list[str]:

@@ -38,7 +38,7 @@ from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup, sum_over_processes
 from natgrad.engine.evaluate import evaluate
 from natgrad.errors import NonFiniteLossError, Preempted, UserError
-from natgrad.rundir import CHECKPOINT, CONFIG, EMA_WEIGHTS, METRICS, SUMMARY, WEIGHTS, is_empty, locked, \
+from natgrad.rundir import CHECKPOINT, CONFIG, EMA_WEIGHTS, METRICS, SUMMARY, WEIGHTS, RunLock, is_empty, locked, \
     refuse_symlinks, remove_leftovers
 from natgrad.signals import StopSignals
 
@@ -94,6 +94,8 @@ def seed_everything(seed: int) -> None:
 
 def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
     """Refuse to overwrite a run or resume an incompatible one, before any work starts."""
+    if out.is_dir():
+        RunLock(out).refuse_if_held()
     if resume:
         if not (out / CONFIG).is_file():
             raise UserError(f"--resume: {out} holds no natgrad run (no config.yaml); train without --resume first")

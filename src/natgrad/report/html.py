@@ -15,7 +15,8 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from natgrad.engine.checkpoint import atomic_write_text, check_destination
+from natgrad.engine.checkpoint import atomic_write_text
+from natgrad.files import check_destination
 from natgrad.errors import UserError
 from natgrad.report import figures, tables
 from natgrad.report.formatting import MISSING
