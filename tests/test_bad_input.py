@@ -67,6 +67,13 @@ OUT_OF_RANGE = [
     "checkpoint_every=-1", "data.max_unreadable=-1", "stop_after=0", "gradnorm.norm=l3", "method=pgdd",
     "model.act=relu7", "optim.sched=linear-ish", "on_nonfinite=ignore", "data.name=mnist3", "optim.name=sgdd",
     "model.name=resnet-9000", "gradnorm.input_noise=salt",
+    # the second reliability round (issue 15): every numeric and choice key has its range
+    "optim.clip_grad=-1", "optim.warmup_lr=-5", "optim.weight_decay=-1", "optim.min_lr=0.5", "seed=-1",
+    "seed=100000000000000000000", "lr=1e300", "lr=.inf", "lr=inf", "lr=.nan", "model.drop=2", "model.drop_path=1",
+    "aug.rand_augment=garbage", "aug.color_jitter=-1", "aug.remode=bogus", "aug.recount=-3", "optim.opt_eps=-1",
+    "optim.momentum=-1", "edge.sigma=1e30", "attack.step_size=1e308", "data.num_classes=0", "data.channels=0",
+    "data.image_size=-8", "eval.batch_size=0", "data.num_workers=100000", "aug.interpolation=cubic",
+    "data.synthetic_size=0", "ema_decay=1", "edge.tau=1e9",
 ]
 bad_overrides = st.one_of(
     st.sampled_from(OUT_OF_RANGE),
@@ -118,6 +125,9 @@ bad_eval_args = st.one_of(
     st.tuples(st.just("--square-queries"), st.integers(-10, 0).map(str)),
     st.tuples(st.just("--attacks"), st.just("transfer")),  # needs --source
     st.tuples(st.just("--pgd-steps"), st.one_of(st.integers(-5, 0).map(str), words)),
+    st.tuples(st.sampled_from(["--batch-size", "--restarts"]), st.integers(-5, 0).map(str)),
+    st.tuples(st.just("--seed"), st.sampled_from(["-1", str(2**32), str(10**20)])),
+    st.tuples(st.just("--json"), st.just("/")),  # a folder
 )
 
 

@@ -498,3 +498,15 @@ def test_reproduce_with_a_missing_dataset_writes_nothing(tmp_path, capsys):
     (out / "reproduce.json").write_text(json.dumps({"format": "natgrad-reproduce", "settings": {"other": 1},
                                                     "stages": {}}))
     assert pipeline.check_out(out, "natgrad-reproduce", "reproduce.json", {"dataset": "fmnist"}) is None
+
+
+def test_the_report_leaves_out_results_of_other_weights(run_a, tmp_path):
+    from natgrad.report.runs import load_run
+
+    run = _copy(run_a, tmp_path / "rep")
+    assert run_cli(["eval", str(run), "--attacks", "clean", "--n", "16", "--quiet"])[0] == 0
+    assert load_run(run).eval is not None and not load_run(run).problems
+    b = _weaker(run_a, tmp_path / "b")
+    shutil.copy(b / "model_ema.safetensors", run / "model_ema.safetensors")  # trained on, after the evaluation
+    loaded = load_run(run)
+    assert loaded.eval is None and any("other weights" in p for p in loaded.problems)

@@ -176,7 +176,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     summary, arrays = analyze(loaded.model, ds, settings, ctx.device)
     summary = {"model": loaded.name, "method": loaded.cfg.method, "architecture": loaded.cfg.model.name,
                "dataset": loaded.cfg.data.name, **summary}
-    summary = {**summary, "weights_sha256": loaded.sha256}
+    summary = {**summary, "weights": str(loaded.weights), "weights_sha256": loaded.sha256}
     text = json.dumps(summary, indent=2, default=str)
     _write_or_keep(lambda: write_analysis(summary, arrays, out), text, out / "analysis.json", "analysis numbers")
     path = out / "analysis.json"

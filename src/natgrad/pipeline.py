@@ -286,7 +286,7 @@ def analyze_stage(run: Path, s: Sizes, progress: bool) -> None:
     settings = AnalysisSettings(eps=cfg.eps, power_iterations=s.power_iterations, progress=progress)
     summary, arrays = analyze(loaded.model, ds, settings, ctx.device)
     summary = {"model": loaded.name, "method": cfg.method, "architecture": cfg.model.name, "dataset": cfg.data.name,
-               **summary}
+               **summary, "weights": str(loaded.weights), "weights_sha256": loaded.sha256}
     write_analysis(summary, arrays, run / "analysis")
 
 

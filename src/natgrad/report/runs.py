@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from natgrad.config import read_yaml_mapping
+from natgrad.digest import file_digest
 from natgrad.errors import UserError
 
 ANALYSIS_FILE = Path("analysis") / "analysis.json"
@@ -105,6 +105,15 @@ def load_runs(paths: list[Path | str]) -> list[Run]:
 FIX = "give run folders written by `natgrad train`"
 
 
+def _same_weights(results: dict, run: Path) -> bool:
+    """Whether results that name their weights' digest were computed on the weights the run folder holds."""
+    digest, weights = results.get("weights_sha256"), results.get("weights")
+    if not digest or not weights:
+        return True  # written before evaluations recorded their weights
+    path = run / Path(str(weights)).name
+    return file_digest(path) == digest
+
+
 def load_run(path: Path) -> Run:
     """One run folder; it must exist and hold ``config.yaml``."""
     if not path.exists():
@@ -112,12 +121,9 @@ def load_run(path: Path) -> Run:
     if not path.is_dir() or not (path / "config.yaml").is_file():
         raise UserError(f"{path} is not a natgrad run folder (no config.yaml); {FIX}")
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path / 'config.yaml'} is unreadable ({first}); {FIX}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path / 'config.yaml'} is not a natgrad config (not a mapping); {FIX}")
+        config = read_yaml_mapping(path / "config.yaml", str(path / "config.yaml"))
+    except UserError as e:
+        raise UserError(f"{e}; {FIX}") from None
     run = Run(path=path, label=path.resolve().name or str(path), config=config)
     run.summary = _read_json(path / "summary.json", run) or {}
     run.metrics = _read_metrics(path / "metrics.jsonl", run)
@@ -125,7 +131,15 @@ def load_run(path: Path) -> Run:
     if run.eval is not None and not isinstance(run.eval.get("results", []), list):
         run.problems.append(f"{EVAL_FILE} has no list of results")
         run.eval = None
+    if run.eval is not None and not _same_weights(run.eval, path):
+        run.problems.append(f"{EVAL_FILE} was computed on other weights than the folder holds now: its numbers are "
+                            "left out; run `natgrad eval` again")
+        run.eval = None
     run.analysis = _read_json(path / ANALYSIS_FILE, run)
+    if run.analysis is not None and not _same_weights(run.analysis, path):
+        run.problems.append(f"{ANALYSIS_FILE} was computed on other weights than the folder holds now: it is left "
+                            "out; run `natgrad analyze` again")
+        run.analysis = None
     return run
 
 
