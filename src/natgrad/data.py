@@ -136,7 +136,7 @@ def read_idx_shaped(path: Path, item_shape: tuple[int, ...]) -> np.ndarray:
     """:func:`read_idx`, then an error naming the file unless it holds an array of shape (N, *item_shape)."""
     array = read_idx(path)
     if array.shape[1:] != item_shape or array.ndim != 1 + len(item_shape):
-        want = "(" + ", ".join(["N", *map(str, item_shape)]) + (",)" if not item_shape else ")")
+        want = f"(N, {', '.join(map(str, item_shape))})" if item_shape else "(N,)"
         raise UserError(f"{path} holds an array of shape {array.shape}, not {want}; delete it and fetch the dataset again")
     return array
 
