@@ -8,16 +8,20 @@ Augmentation comes from timm and is applied only when the config asks for it.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from natgrad.config import AugConfig, DataConfig, RunConfig
 from natgrad.errors import UserError
@@ -50,11 +54,40 @@ INFO = {
 def info(cfg: DataConfig) -> DataInfo:
     """Classes, channels, size and normalization statistics of the configured dataset."""
     if cfg.name == "synthetic":
+        _check_synthetic(cfg)
         return DataInfo(cfg.num_classes, cfg.channels, cfg.image_size or 28, (0.5,) * cfg.channels, (0.25,) * cfg.channels)
     base = INFO[cfg.name]
     if cfg.name == "imagenet" and cfg.image_size:
         return DataInfo(base.num_classes, base.in_chans, cfg.image_size, base.mean, base.std)
     return base
+
+
+def _check_synthetic(cfg: DataConfig) -> None:
+    """Synthetic data's sizes are counts: each at least 1 (``image_size`` may be left unset)."""
+    sizes = {"num_classes": cfg.num_classes, "channels": cfg.channels, "synthetic_size": cfg.synthetic_size,
+             "image_size": 28 if cfg.image_size is None else cfg.image_size}
+    for key, value in sizes.items():
+        if value < 1:
+            raise UserError(f"data.{key}={value} is not a positive count; synthetic data needs data.{key} >= 1")
+
+
+class Arrays(NamedTuple):
+    """A dataset held in memory: uint8 images, integer labels, and where they came from (for messages)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+
+
+def check_arrays(arrays: Arrays, num_classes: int) -> None:
+    """One label per image, every label in ``[0, num_classes)``; else an error naming the source."""
+    images, labels, source = arrays
+    if len(images) != len(labels):
+        raise UserError(f"{source}: {len(images)} images but {len(labels)} labels; fetch the dataset again")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise UserError(f"{source}: label {int(bad[0])} is outside 0..{num_classes - 1} ({bad.size} such labels); "
+                        "fetch the dataset again")
 
 
 class ImageArrayDataset(Dataset):
@@ -93,10 +126,19 @@ def read_idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)  # exact: a hostile header's sizes must not wrap around
     if len(raw) != expected:
         raise UserError(f"{path} is truncated or corrupt ({len(raw)} bytes, expected {expected}); delete it and fetch the dataset again")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def read_idx_shaped(path: Path, item_shape: tuple[int, ...]) -> np.ndarray:
+    """:func:`read_idx`, then an error naming the file unless it holds an array of shape (N, *item_shape)."""
+    array = read_idx(path)
+    if array.shape[1:] != item_shape or array.ndim != 1 + len(item_shape):
+        want = f"(N, {', '.join(map(str, item_shape))})" if item_shape else "(N,)"
+        raise UserError(f"{path} holds an array of shape {array.shape}, not {want}; delete it and fetch the dataset again")
+    return array
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
@@ -108,27 +150,58 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _missing_fashion_files(folder: Path) -> list[str]:
+    return [stem for pair in FASHION_FILES.values() for stem in pair if _idx_file(folder, stem) is None]
+
+
+def named_data_root(cfg: DataConfig) -> tuple[str, Path] | None:
+    """The data folder the user named, with how it was named: data.root, else $NATGRAD_DATA, else None."""
+    if cfg.root:
+        return "data.root", Path(cfg.root)
+    if os.environ.get("NATGRAD_DATA"):
+        return "$NATGRAD_DATA", Path(os.environ["NATGRAD_DATA"])
+    return None
+
+
 def find_fashion_mnist(cfg: DataConfig) -> Path:
-    """Folder with the four IDX files: data.root, then $NATGRAD_DATA, then Debian's package, else download."""
-    candidates = [Path(p) for p in (cfg.root, os.environ.get("NATGRAD_DATA")) if p]
-    candidates += [DEBIAN_FASHION_MNIST] + _dpkg_dirs("dataset-fashion-mnist")
-    for folder in candidates:
-        if all(_idx_file(folder, s) for pair in FASHION_FILES.values() for s in pair):
+    """Folder with the four IDX files.
+
+    A folder the user names (data.root, else $NATGRAD_DATA) is the only one used: downloaded into with
+    ``data.download=true``, else refused when it lacks files. Only with neither does Debian's package
+    apply, then a download into ~/.cache/natgrad.
+    """
+    named = named_data_root(cfg)
+    if named is not None:
+        key, folder = named
+        missing = _missing_fashion_files(folder)
+        if not missing:
+            return folder
+        if cfg.download:
+            return _download_fashion_mnist(folder)
+        raise UserError(
+            f"{key}={folder} lacks Fashion-MNIST's {', '.join(missing)} (or .gz); put the IDX files there, pass "
+            f"data.download=true, or unset {key} to use Debian's copy (`apt-get install dataset-fashion-mnist`)"
+        )
+    for folder in [DEBIAN_FASHION_MNIST, *_dpkg_dirs("dataset-fashion-mnist")]:
+        if not _missing_fashion_files(folder):
             return folder
     if cfg.download:
-        import torchvision
-
-        root = Path(cfg.root or os.environ.get("NATGRAD_DATA") or Path.home() / ".cache" / "natgrad")
-        try:
-            torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
-            torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
-        except Exception as e:  # network errors come in many types
-            raise UserError(f"could not download Fashion-MNIST into {root} ({e}); `apt-get install dataset-fashion-mnist` or set data.root") from None
-        return root
+        return _download_fashion_mnist(Path.home() / ".cache" / "natgrad")
     raise UserError(
-        "Fashion-MNIST not found in data.root, $NATGRAD_DATA or /usr/share/datasets/fashion-mnist; "
+        f"Fashion-MNIST not found in {DEBIAN_FASHION_MNIST}; "
         "`apt-get install dataset-fashion-mnist`, set data.root, or pass data.download=true"
     )
+
+
+def _download_fashion_mnist(root: Path) -> Path:
+    import torchvision
+
+    try:
+        torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+        torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+    except Exception as e:  # network errors come in many types
+        raise UserError(f"could not download Fashion-MNIST into {root} ({e}); `apt-get install dataset-fashion-mnist` or set data.root") from None
+    return root
 
 
 def _dpkg_dirs(package: str) -> list[Path]:
@@ -139,47 +212,49 @@ def _dpkg_dirs(package: str) -> list[Path]:
     return sorted({Path(line).parent for line in out.splitlines() if "idx" in line})
 
 
-def _fashion_mnist(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _fashion_mnist(cfg: DataConfig, split: str) -> Arrays:
     folder = find_fashion_mnist(cfg)
-    images, labels = (read_idx(_idx_file(folder, s)) for s in FASHION_FILES[split])
-    if len(images) != len(labels):
-        raise UserError(f"Fashion-MNIST in {folder}: {len(images)} images but {len(labels)} labels; fetch the dataset again")
-    return images, labels
+    image_file, label_file = (_idx_file(folder, stem) for stem in FASHION_FILES[split])
+    return Arrays(read_idx_shaped(image_file, (28, 28)), read_idx_shaped(label_file, ()), str(label_file))
 
 
 # ---------------------------------------------------------------------------- other datasets
 
 
-def _cifar10(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar10(cfg: DataConfig, split: str) -> Arrays:
     import torchvision
 
-    root = cfg.root or os.environ.get("NATGRAD_DATA") or str(Path.home() / ".cache" / "natgrad")
+    named = named_data_root(cfg)
+    root = str(named[1] if named else Path.home() / ".cache" / "natgrad")
     try:
         ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=cfg.download)
     except RuntimeError:
         raise UserError(f"CIFAR-10 not found under {root}; set data.root to the folder holding cifar-10-batches-py, or pass data.download=true where there is internet") from None
-    return ds.data, np.asarray(ds.targets)
+    return Arrays(ds.data, np.asarray(ds.targets), f"CIFAR-10 in {root}")
 
 
-def _synthetic(cfg: DataConfig, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable toy images: a fixed smooth pattern per class plus noise."""
+def _synthetic(cfg: DataConfig, split: str, seed: int) -> Arrays:
+    """Learnable toy images: a fixed smooth pattern per class plus noise (sizes checked by :func:`info`)."""
     size = cfg.image_size or 28
+    cells = -(-size // 4)  # 4x4-pixel cells, enough to cover any size
     g = np.random.default_rng(seed)
-    templates = g.normal(size=(cfg.num_classes, size // 4, size // 4, cfg.channels))
+    templates = g.normal(size=(cfg.num_classes, cells, cells, cfg.channels))
     templates = templates.repeat(4, axis=1).repeat(4, axis=2)[:, :size, :size]
     n = cfg.synthetic_size if split == "train" else max(cfg.synthetic_size // 4, cfg.num_classes)
     g = np.random.default_rng(seed + (1 if split == "train" else 2))
     labels = g.integers(0, cfg.num_classes, size=n)
     x = 0.5 + 0.2 * templates[labels] + 0.1 * g.normal(size=(n, size, size, cfg.channels))
     images = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
-    return (images[..., 0] if cfg.channels == 1 else images), labels
+    return Arrays(images[..., 0] if cfg.channels == 1 else images, labels, "synthetic data")
 
 
 class SkipUnreadable(Dataset):
     """An image-folder dataset whose unreadable images (corrupt, truncated, not images) are replaced by the
     next readable one and counted in :attr:`unreadable`, shared with DataLoader workers (forked)."""
 
-    ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises for bad files (UnidentifiedImageError is an OSError)
+    # What PIL raises for bad files: UnidentifiedImageError is an OSError; DecompressionBombError (an image of
+    # more than twice Image.MAX_IMAGE_PIXELS, which Pillow refuses to decode) is neither.
+    ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
     def __init__(self, ds: Dataset):
         import multiprocessing
@@ -208,22 +283,80 @@ def unreadable_count(ds: Dataset) -> int:
     return ds.unreadable.value if isinstance(ds, SkipUnreadable) else 0
 
 
-def _imagenet(cfg: DataConfig, split: str, transform: Callable) -> Dataset:
-    import torchvision
+class ClassListImageFolder(ImageFolder):
+    """An ImageFolder labelled by a given class list rather than by its own folders, so that every split's
+    labels agree; a class of the list may have no folder, or no images, here."""
 
+    def __init__(self, root: Path, classes: Sequence[str], transform: Callable | None = None):
+        self.class_list = list(classes)
+        super().__init__(str(root), transform=transform, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self.class_list, {name: i for i, name in enumerate(self.class_list)}
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders of an ImageFolder tree, sorted as torchvision sorts them; an error where there are none."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} does not exist; data.root must hold train/ and val/ ImageFolder trees "
+                        "(labels follow train/'s class folders)")
+    try:
+        return find_classes(str(folder))[0]
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no class folders; an ImageFolder tree holds one folder of images per class") from None
+    except OSError as e:
+        raise UserError(f"cannot list {folder} ({e}); check data.root") from None
+
+
+def _names(names: Sequence[str], most: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])  # repr: a folder name may hold a newline
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def image_folder_classes(root: Path, num_classes: int) -> list[str]:
+    """The class list of an ImageFolder dataset, the same for every split: ``root/train``'s class folders."""
+    classes = _class_folders(root / "train")
+    if len(classes) > num_classes:
+        raise UserError(f"{root / 'train'} has {len(classes)} class folders but the model has {num_classes} outputs; "
+                        f"keep at most {num_classes} classes")
+    return classes
+
+
+def image_folder(folder: Path, classes: Sequence[str], transform: Callable | None) -> ClassListImageFolder:
+    """One split's ImageFolder labelled by ``classes``; an error for a class not in the list, or no images."""
+    known = set(classes)
+    unknown = [name for name in _class_folders(folder) if name not in known]
+    if unknown:
+        raise UserError(f"{folder} has class folders that train/ lacks ({_names(unknown)}); the model knows only "
+                        "train/'s classes: remove them or add them to train/")
+    ds = ClassListImageFolder(folder, classes, transform)
+    if not ds.samples:
+        raise UserError(f"{folder} holds no images ({' '.join(IMG_EXTENSIONS)}) in its class folders; "
+                        "put each class's images in its folder")
+    return ds
+
+
+def _imagenet(cfg: DataConfig, split: str, transform: Callable | None, num_classes: int) -> Dataset:
     if cfg.root is None:
         raise UserError("data.name=imagenet needs data.root: a folder with train/ and val/ ImageFolder trees")
-    folder = Path(cfg.root) / ("train" if split == "train" else "val")
-    if not folder.is_dir():
-        raise UserError(f"{folder} does not exist; data.root must hold train/ and val/ ImageFolder trees")
-    ds = SkipUnreadable(torchvision.datasets.ImageFolder(str(folder), transform=transform))
+    root = Path(cfg.root)
+    folder = root / ("train" if split == "train" else "val")
+    ds = SkipUnreadable(image_folder(folder, image_folder_classes(root, num_classes), transform))
     if split != "train" and cfg.val_subset:
-        wanted = {line.strip() for line in Path(cfg.val_subset).read_text().splitlines() if line.strip()}
+        wanted = _lines(Path(cfg.val_subset))
         keep = [i for i, (p, _) in enumerate(ds.ds.samples) if os.path.relpath(p, folder) in wanted or Path(p).name in wanted]
         if not keep:
             raise UserError(f"none of the images listed in {cfg.val_subset} are in {folder}; list paths relative to val/")
         ds = Subset(ds, keep)
     return ds
+
+
+def _lines(path: Path) -> set[str]:
+    """The non-empty lines of a text file the user names; an error naming it where it cannot be read."""
+    try:
+        return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read data.val_subset={path} ({e}); give a text file of image paths, one a line") from None
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -354,15 +487,16 @@ def build(cfg: RunConfig, split: str) -> Dataset:
     transform = train_transform(dc.name, cfg.aug, di) if split == "train" else eval_transform(dc.name, cfg.aug, di)
     source = "train" if dc.holdout else split
     if dc.name == "imagenet":
-        ds = _imagenet(dc, source, transform)
+        ds = _imagenet(dc, source, transform, di.num_classes)
     else:
         if dc.name == "fashion-mnist":
-            images, labels = _fashion_mnist(dc, source)
+            arrays = _fashion_mnist(dc, source)
         elif dc.name == "cifar10":
-            images, labels = _cifar10(dc, source)
+            arrays = _cifar10(dc, source)
         else:
-            images, labels = _synthetic(dc, source, cfg.seed)
-        ds = ImageArrayDataset(images, labels, transform)
+            arrays = _synthetic(dc, source, cfg.seed)
+        check_arrays(arrays, di.num_classes)
+        ds = ImageArrayDataset(arrays.images, arrays.labels, transform)
     if dc.holdout:
         if dc.holdout >= len(ds):
             raise UserError(f"data.holdout={dc.holdout} leaves no training images (the training set has {len(ds)}); "
