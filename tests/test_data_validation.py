@@ -257,7 +257,7 @@ def test_synthetic_sizes_below_one_are_one_line(key, value):
     assert f"data.{key}={value} is not a positive count" in _one_line(e)
 
 
-@pytest.mark.parametrize("size", [5, 30])
+@pytest.mark.parametrize("size", [10, 30])
 def test_synthetic_image_size_need_not_be_a_multiple_of_four(size):
     cfg = config.load("fmnist-natural", ["data.name=synthetic", f"data.image_size={size}", "data.synthetic_size=16"])
     x, y = data.build(cfg, "train")[0]

@@ -18,7 +18,7 @@ import yaml
 from conftest import run_cli
 
 from natgrad import config
-from natgrad.engine import checkpoint
+from natgrad import files
 from natgrad.errors import UserError
 from natgrad.report import build_report, write_report
 from natgrad.report.formatting import compact, eps_text, mean_std, pct
@@ -408,7 +408,7 @@ def test_cli_writes_the_file_atomically(runs, tmp_path, capsys, monkeypatch):
         replaced.append((Path(src), Path(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", spy)
+    monkeypatch.setattr(files.os, "replace", spy)
     code, err = run_cli(["report", *map(str, runs), "--out", str(out)], capsys)
     assert code == 0, err
     assert len(replaced) == 1 and replaced[0][1] == out and replaced[0][0].parent == out.parent != replaced[0][0]

@@ -588,9 +588,21 @@ def check_can_train(cfg: RunConfig) -> None:
 
     _check(cfg.init is None or weights_file(cfg.init).is_file(),
            f"init={cfg.init} is neither a .safetensors file nor a run folder holding model.safetensors; give the weights to start from")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    _check(cfg.data.num_workers <= cpus, f"data.num_workers={cfg.data.num_workers} is more than the {cpus} CPUs this "
-           f"process may use; use at most data.num_workers={cpus}")
+
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def capped_workers(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with at most one data worker per usable CPU: a recipe written for a big machine still runs on a
+    small one, and no value starts more processes than the machine has CPUs."""
+    cpus = usable_cpus()
+    if cfg.data.num_workers <= cpus:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=cpus))
 
 
 def read_run_config(run: str | os.PathLike) -> RunConfig:
@@ -599,10 +611,8 @@ def read_run_config(run: str | os.PathLike) -> RunConfig:
     if not path.is_file():
         raise UserError(f"{run} is not a natgrad run folder (no config.yaml); give a run folder")
     data = read_yaml_mapping(path, str(path))
-    missing = [k for k in ("method", "data", "model") if k not in data]
-    if missing:  # natgrad writes every key: a file without these was not written by `natgrad train`
-        raise UserError(f"{path} lacks {', '.join(missing)}; it is not a config natgrad wrote: restore it or "
-                        "train the run again")
+    if "method" not in data:  # natgrad writes every key: a file without it was not written by `natgrad train`
+        raise UserError(f"{path} names no method; it is not a config natgrad wrote: restore it or train the run again")
     try:
         cfg = from_dict(data)
         validate(cfg)

@@ -145,9 +145,6 @@ def check_out(out: Path, marker: str, state_file: str, settings: dict) -> dict |
         raise UserError(f"--out {out}: {state_file} is unreadable ({e}); give a new folder") from None
     if not isinstance(saved, dict) or saved.get("format") != marker:
         raise UserError(f"--out {out} holds a {state_file} that {tool} did not write; give a new folder")
-    if not saved.get("stages") and not saved.get("interrupted") and not any(
-            p.name != state_file for p in out.iterdir()):
-        return None  # written by a start that stopped before any work: it binds nothing
     if saved.get("settings") != settings:
         diff = _differences(saved.get("settings") or {}, settings)
         raise UserError(f"--out {out} holds a {tool.split()[-1]} made with other settings ({'; '.join(diff[:3])}); "

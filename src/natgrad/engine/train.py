@@ -183,6 +183,10 @@ class _RunFolder:
 def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: StopSignals, folder: _RunFolder) -> dict:
     config_mod.validate(cfg)
     config_mod.check_can_train(cfg)
+    if cfg.data.num_workers > config_mod.usable_cpus() and progress and int(os.environ.get("RANK", "0")) == 0:
+        print(f"natgrad: data.num_workers={cfg.data.num_workers} is more than this machine's "
+              f"{config_mod.usable_cpus()} CPUs; using {config_mod.usable_cpus()}", flush=True)
+    cfg = config_mod.capped_workers(cfg)
     ctx = setup(cfg.device)
     if ctx.device.type == "cpu":
         # Well-fitted models have tiny input gradients; their denormal floats slow CPU arithmetic many-fold.

@@ -105,8 +105,8 @@ def build_report(run_dirs: Sequence[Path | str], intro: Sequence[str] = (), mode
 def write_report(run_dirs: Sequence[Path | str], out: Path, intro: Sequence[str] = (), model_figures: bool = True) -> Path:
     """Build the report and write it to ``out`` atomically (temp file, then rename); returns ``out``."""
     out = Path(out)
-    check_destination(out, "html", "--out")  # before the work: never replaces weights or other files
     text = build_report(run_dirs, intro, model_figures).encode("ascii", "xmlcharrefreplace").decode("ascii")  # any locale can write it
+    check_destination(out, "html", "--out")  # never replaces weights or other files
     try:
         atomic_write_text(out, text)
         umask = os.umask(0)
