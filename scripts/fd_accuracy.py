@@ -19,7 +19,7 @@ import yaml
 
 from natgrad import config, data, objectives
 from natgrad.engine.checkpoint import load_weights
-from natgrad.engine.train import build_model, objective_params
+from natgrad.build import build_model, objective_params
 
 
 def _grad(model: torch.nn.Module, objective, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

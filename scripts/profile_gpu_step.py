@@ -4,7 +4,8 @@ Usage: python scripts/profile_gpu_step.py   (needs a CUDA GPU; docs/RESULTS.md, 
 """
 import torch
 from torch.profiler import ProfilerActivity, profile
-from natgrad.engine.bench import BenchSettings, bench_config, build_model, build_steps
+from natgrad.build import build_model
+from natgrad.engine.bench import BenchSettings, bench_config, build_steps
 
 cfg = bench_config(BenchSettings(recipe="imagenet-swinb-gradnorm"))
 model = build_model(cfg, 3, 224)

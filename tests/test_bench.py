@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from natgrad.build import build_model
 from natgrad.engine import bench
 
 TINY = ["--batch", "4", "--steps", "3", "--warmup", "0", "--quiet"]
@@ -82,7 +83,7 @@ def test_no_ratio_without_pgd_and_the_table(capsys):
 def test_every_method_really_trains():
     cfg = bench.bench_config(bench.BenchSettings())
     torch.manual_seed(0)
-    model = bench.build_model(cfg, channels=1, input_size=28)
+    model = build_model(cfg, channels=1, input_size=28)
     initial = [p.detach().clone() for p in model.parameters()]
     x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
     for method, step in bench.build_steps(cfg, bench.METHODS, model, torch.device("cpu")).items():

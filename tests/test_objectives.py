@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from natgrad import config, data, objectives
-from natgrad.engine.train import build_model, objective_params, seed_everything
+from natgrad.build import build_model, objective_params, seed_everything
 
 RECIPES = ["fmnist-fgsm", "fmnist-edge", "fmnist-gradnorm-fd", "fmnist-gradnorm-noise"]
 

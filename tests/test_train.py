@@ -11,7 +11,7 @@ from conftest import TINY, assert_same_weights, run_cli, weights
 
 from natgrad import config, data, objectives
 from natgrad.engine.checkpoint import atomic_write_text, load_weights, save_weights
-from natgrad.engine.train import build_model
+from natgrad.build import build_model
 from natgrad.objectives.natural import Natural
 from natgrad.objectives.pgd import PGDTraining
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from natgrad.datainfo import info
 from natgrad.errors import UserError, check_choice, did_you_mean, short
 from natgrad.objectives.edge import COSINES, STUDENTS, TEACHERS
 from natgrad.objectives.gradnorm import NOISES, NORMS
@@ -554,10 +555,6 @@ def validate(cfg: RunConfig) -> None:
         _check_rand_augment(cfg.aug.rand_augment)
     weights = cfg.gradnorm.channel_weights
     if weights is not None:
-        from natgrad.data import (
-            info,  # here, not at the top: natgrad.data imports this module
-        )
-
         channels = info(cfg.data).in_chans
         _check(len(weights) == channels, f"gradnorm.channel_weights has {len(weights)} entries but {cfg.data.name} images have "
                                          f"{channels} channel(s); give one weight per channel")
@@ -579,18 +576,6 @@ def _check_rand_augment(spec: str) -> None:
                         "rand-m9-mstd0.5-inc1") from None
 
 
-def check_can_train(cfg: RunConfig) -> None:
-    """What training needs of this machine and of files beyond the config: the weights to fine-tune from,
-    and no more data workers than there are CPUs."""
-    from natgrad.engine.checkpoint import (
-        weights_file,  # lazily: the engine imports this module
-    )
-
-    _check(cfg.init is None or weights_file(cfg.init).is_file(),
-           f"init={cfg.init} is neither a .safetensors file nor a run folder holding model.safetensors; give the weights to start from")
-
-
-
 def usable_cpus() -> int:
     """CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -603,19 +588,3 @@ def capped_workers(cfg: RunConfig) -> RunConfig:
     if cfg.data.num_workers <= cpus:
         return cfg
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=cpus))
-
-
-def read_run_config(run: str | os.PathLike) -> RunConfig:
-    """The checked configuration of a run folder (its ``config.yaml``), as ``train`` would accept it."""
-    path = Path(run) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run} is not a natgrad run folder (no config.yaml); give a run folder")
-    data = read_yaml_mapping(path, str(path))
-    if "method" not in data:  # natgrad writes every key: a file without it was not written by `natgrad train`
-        raise UserError(f"{path} names no method; it is not a config natgrad wrote: restore it or train the run again")
-    try:
-        cfg = from_dict(data)
-        validate(cfg)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    return cfg

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from natgrad.errors import UserError
-from natgrad.rundir import TEMP_PREFIX
+
+# Temporary files of natgrad's atomic writes: ".NAME.natgrad-XXXXXXXX.tmp".
+TEMP_PREFIX = ".natgrad-"
+_TEMP = re.compile(r"^\..+\.natgrad-[A-Za-z0-9_]+\.tmp$")
+
+
+def is_leftover(path: Path) -> bool:
+    """A temporary file of a natgrad write that a killed process left behind (never a user's file)."""
+    return path.is_file() and not path.is_symlink() and bool(_TEMP.match(path.name))
 
 
 def _file_mode() -> int:

@@ -152,6 +152,12 @@ def replace_activations(model: nn.Module, act: str) -> int:
 # ---------------------------------------------------------------------------- factory
 
 
+def takes_img_size(name: str) -> bool:
+    """Whether a timm model fixes its input size when built (vision transformers), per its pretrained config."""
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
 def create(
     name: str,
     num_classes: int,

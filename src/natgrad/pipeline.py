@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from natgrad.files import check_destination
 from natgrad.errors import Preempted, UserError
-from natgrad.rundir import EVAL
+from natgrad.files import check_destination
+from natgrad.rundir import EVAL, RunDir
 
 BENCH_FILE = "bench.json"
 
@@ -205,9 +205,8 @@ def train_stage(out: Path, e: Experiment, sizes: Sizes, progress: bool) -> None:
 
 def run_config(run: Path):
     """The configuration a run folder was trained with."""
-    from natgrad import config
 
-    return config.read_run_config(run)
+    return RunDir(run).read_config()
 
 
 def eval_stage(run: Path, s: Sizes, progress: bool) -> str:

@@ -1,5 +1,5 @@
-"""The run folder's own files: their names, a lock against two processes in one folder, and the checks
-that keep natgrad from touching files it did not write."""
+"""The run folder: its files' names and paths (:class:`RunDir`), a lock against two processes in one
+folder, and the checks that keep natgrad from touching files it did not write."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from natgrad.build import LoadedModel, load_trained
+from natgrad.config import RunConfig, from_dict, read_yaml_mapping, validate
 from natgrad.errors import UserError
+from natgrad.files import is_leftover
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -27,14 +32,94 @@ LOCK = ".natgrad.lock"
 # Everything natgrad writes into a run folder, checked for symlinks before a run writes there.
 OWN = (CONFIG, METRICS, CHECKPOINTS, str(CHECKPOINT), WEIGHTS, EMA_WEIGHTS, SUMMARY, EVAL, ANALYSIS, AUTOATTACK_STATE)
 
-# Temporary files of natgrad's atomic writes (checkpoint.atomic_write): ".NAME.natgrad-XXXXXXXX.tmp".
-TEMP_PREFIX = ".natgrad-"
-_TEMP = re.compile(r"^\..+\.natgrad-[A-Za-z0-9_]+\.tmp$")
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder of DESIGN.md's contract: where each of its files lies, and how to read them back."""
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def ema_weights(self) -> Path:
+        return self.path / EMA_WEIGHTS
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def eval_json(self) -> Path:
+        return self.path / EVAL
+
+    @property
+    def analysis(self) -> Path:
+        return self.path / ANALYSIS
+
+    @property
+    def autoattack_state(self) -> Path:
+        return self.path / AUTOATTACK_STATE
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a natgrad run (its config.yaml)."""
+        return self.config.is_file()
+
+    def read_config(self) -> RunConfig:
+        """The checked configuration of the run (its ``config.yaml``), as ``train`` would accept it."""
+        if not self.is_run():
+            raise UserError(f"{self.path} is not a natgrad run folder (no config.yaml); give a run folder")
+        data = read_yaml_mapping(self.config, str(self.config))
+        if "method" not in data:  # natgrad writes every key: a file without it was not written by `natgrad train`
+            raise UserError(f"{self.config} names no method; it is not a config natgrad wrote: restore it or train "
+                            "the run again")
+        try:
+            cfg = from_dict(data)
+            validate(cfg)
+        except UserError as e:
+            raise UserError(f"{self.config}: {e}") from None
+        return cfg
+
+    def model_weights(self, ema: bool = True) -> Path:
+        """The EMA weights when ``ema`` and the run has them, else the model's."""
+        return self.ema_weights if ema and self.ema_weights.is_file() else self.weights
+
+    def load_model(self, ema: bool = True, device: torch.device | str = "cpu",
+                   model_name: str | None = None) -> LoadedModel:
+        """The trained model (EMA weights by default) in eval mode; ``model_name`` overrides the config's."""
+        cfg = self.read_config()
+        weights = self.model_weights(ema)
+        if not weights.is_file():
+            raise UserError(f"{self.path} holds no {WEIGHTS}; train it to the end of an epoch first")
+        if model_name is not None:
+            cfg.model.name = model_name
+        return load_trained(cfg, weights, self.name, device)
 
 
-def is_leftover(path: Path) -> bool:
-    """A temporary file of a natgrad write that a killed process left behind (never a user's file)."""
-    return path.is_file() and not path.is_symlink() and bool(_TEMP.match(path.name))
+def weights_file(path: str | os.PathLike) -> Path:
+    """A .safetensors file as given, or a run folder's ``model.safetensors``."""
+    path = Path(path)
+    return RunDir(path).weights if path.is_dir() else path
 
 
 def is_empty(folder: Path) -> bool:

@@ -32,7 +32,7 @@ from natgrad.analysis.geometry import (
 )
 from natgrad.attacks import eval_mode, frozen_parameters, pgd
 from natgrad.errors import UserError, did_you_mean
-from natgrad.rundir import TEMP_PREFIX
+from natgrad.files import TEMP_PREFIX
 
 ANALYSES = ("gradients", "edges", "geometry", "linearity", "along_attack", "pictures")
 CHANNEL_EDGES = st.log_edges(1e-12, 1e4, 5)  # fixed, so that counts add up over batches

@@ -55,9 +55,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from tqdm.auto import tqdm
 
-from natgrad import config, data, models, objectives
+from natgrad import config, data, objectives
+from natgrad.build import build_model, objective_params
 from natgrad.config import RunConfig
-from natgrad.engine.train import objective_params
 from natgrad.errors import UserError, did_you_mean
 
 METHODS = config.METHODS
@@ -281,26 +281,6 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
 def steady_epoch_fraction(cfg: RunConfig) -> float:
     """An ``epoch_fraction`` past every warm-up of the recipe, where each regularizer has its full weight."""
     return float(max(cfg.gradnorm.warmup_epochs, cfg.attack.warmup_epochs, 0.0))
-
-
-def build_model(cfg: RunConfig, channels: int, input_size: int) -> nn.Module:
-    """The configured model for ``channels`` x ``input_size`` images (the recipe's dataset's classes)."""
-    di = data.info(cfg.data)
-    same = channels == di.in_chans
-    kwargs: dict[str, Any] = {}
-    if cfg.model.name not in models.BUILTIN:
-        kwargs = {"drop_rate": cfg.model.drop, "drop_path_rate": cfg.model.drop_path}
-
-    def create(**extra: Any) -> nn.Module:
-        return models.create(cfg.model.name, di.num_classes, channels, act=cfg.model.act, bn_eval=cfg.model.bn_eval,
-                             mean=di.mean if same else None, std=di.std if same else None, **kwargs, **extra)
-
-    if cfg.model.name in models.BUILTIN:
-        return create()
-    try:  # vision transformers fix their input size when built; convolutional nets take any size
-        return create(img_size=input_size)
-    except TypeError:
-        return create()
 
 
 def build_steps(cfg: RunConfig, methods: Sequence[str], model: nn.Module, device: torch.device) -> dict[str, MethodStep]:

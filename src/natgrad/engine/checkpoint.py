@@ -23,12 +23,6 @@ def save_weights(model: nn.Module, path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(state, tmp))
 
 
-def weights_file(path: str | Path) -> Path:
-    """A .safetensors file as given, or a run folder's ``model.safetensors``."""
-    path = Path(path)
-    return path / "model.safetensors" if path.is_dir() else path
-
-
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load safetensors weights, refusing files that do not fit the model."""
     try:

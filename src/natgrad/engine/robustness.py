@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 from natgrad import config as config_mod
 from natgrad import data
 from natgrad.attacks import eval_mode, finite_logits, pgd
+from natgrad.build import LoadedModel, load_trained
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.distributed import Context, gather_unique, sum_over_processes
 from natgrad.errors import UserError, did_you_mean
-from natgrad.rundir import AUTOATTACK_STATE, EMA_WEIGHTS, WEIGHTS
+from natgrad.rundir import AUTOATTACK_STATE, RunDir
 
 PER_EPS = ("clean", "pgd", "pgd-l2dir", "autoattack", "autoattack-plus", "autoattack-custom", "transfer")
 SWEEPS = ("eps-sweep", "steps-sweep")
@@ -38,39 +39,20 @@ ATTACKS = PER_EPS + SWEEPS
 REFERENCE_EPS = 4 / 255  # the paper's eps; sweeps and step sizes scale from it
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    cfg: RunConfig
-    model: nn.Module
-    weights: Path
-    name: str
-    sha256: str  # of the loaded weights and buffers (checkpoint.model_digest)
-
-
 def load_model(source: str | Path, recipe: str | None = None, model_name: str | None = None,
                device: torch.device | str = "cpu", ema: bool = True) -> LoadedModel:
     """A run folder (its EMA weights when it has them) or a safetensors file with ``recipe``."""
-    from natgrad.engine.train import build_model
-
     source = Path(source)
     if source.is_dir():
-        cfg = config_mod.read_run_config(source)
-        weights = source / EMA_WEIGHTS if ema and (source / EMA_WEIGHTS).is_file() else source / WEIGHTS
-        if not weights.is_file():
-            raise UserError(f"{source} holds no model.safetensors; train it to the end of an epoch first")
-        name = source.name
-    elif source.is_file():
+        return RunDir(source).load_model(ema, device, model_name)
+    if source.is_file():
         if recipe is None:
             raise UserError(f"{source} is a weights file: also give --recipe (the recipe it was trained with)")
         cfg = config_mod.load(recipe)
-        weights, name = source, source.stem
-    else:
-        raise UserError(f"{source} does not exist; give a run folder or a .safetensors file")
-    if model_name is not None:
-        cfg.model.name = model_name
-    model = build_model(cfg)
-    ckpt.load_weights(model, weights)
-    return LoadedModel(cfg, model.to(device).eval(), weights, name, ckpt.model_digest(model))
+        if model_name is not None:
+            cfg.model.name = model_name
+        return load_trained(cfg, source, source.stem, device)
+    raise UserError(f"{source} does not exist; give a run folder or a .safetensors file")
 
 
 def eval_dataset(cfg: RunConfig, n: int | None) -> Dataset:

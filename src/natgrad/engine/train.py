@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import time
@@ -23,7 +22,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from timm.optim import create_optimizer_v2
@@ -32,64 +30,31 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from natgrad import config as config_mod
-from natgrad import data, models, objectives
+from natgrad import data, objectives
+from natgrad.build import build_model, objective_params, seed_everything
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup, sum_over_processes
 from natgrad.engine.evaluate import evaluate
 from natgrad.errors import NonFiniteLossError, Preempted, UserError
-from natgrad.rundir import CHECKPOINT, CONFIG, EMA_WEIGHTS, METRICS, SUMMARY, WEIGHTS, RunLock, is_empty, locked, \
-    refuse_symlinks, remove_leftovers
+from natgrad.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    EMA_WEIGHTS,
+    METRICS,
+    SUMMARY,
+    WEIGHTS,
+    RunDir,
+    RunLock,
+    is_empty,
+    locked,
+    refuse_symlinks,
+    remove_leftovers,
+    weights_file,
+)
 from natgrad.signals import StopSignals
 
 MIN_FREE_BYTES = 64 * 2**20
-
-
-def _gradnorm_params(cfg: RunConfig) -> dict[str, Any]:
-    g, a = cfg.gradnorm, cfg.attack
-    params = {"eps": cfg.eps, "ce_weight": g.ce_weight, "gn_weight": g.gn_weight, "warmup_epochs": g.warmup_epochs,
-              "norm": g.norm, "channel_weights": g.channel_weights, "input_noise": g.input_noise, "noise_std": g.noise_std,
-              "attack_steps": a.steps, "attack_step_size": a.step_size, "attack_random_start": a.random_start}
-    return params if cfg.method == "gradnorm" else {**params, "fd_step": g.fd_step}
-
-
-def _attack_params(cfg: RunConfig) -> dict[str, Any]:
-    a = cfg.attack
-    params = {"eps": cfg.eps, "step_size": a.step_size, "warmup_epochs": a.warmup_epochs}
-    if a.random_start is not None:
-        params["random_start"] = a.random_start
-    return params if cfg.method == "fgsm" else {**params, "steps": a.steps}
-
-
-_PARAMS = {
-    "natural": lambda cfg: {},
-    "gradnorm": _gradnorm_params,
-    "gradnorm-fd": _gradnorm_params,
-    "pgd": _attack_params,
-    "fgsm": _attack_params,
-    "edge": lambda cfg: dataclasses.asdict(cfg.edge),
-}
-
-
-def objective_params(cfg: RunConfig) -> dict[str, Any]:
-    """The parameters ``objectives.create`` takes for the configured method."""
-    return _PARAMS[cfg.method](cfg)
-
-
-def build_model(cfg: RunConfig) -> torch.nn.Module:
-    """The configured model for the configured dataset, with the dataset's normalization inside."""
-    di = data.info(cfg.data)
-    timm_kwargs: dict[str, Any] = {}
-    if cfg.model.name not in models.BUILTIN:
-        timm_kwargs = {"drop_rate": cfg.model.drop, "drop_path_rate": cfg.model.drop_path}
-    return models.create(cfg.model.name, di.num_classes, di.in_chans, act=cfg.model.act, bn_eval=cfg.model.bn_eval,
-                         mean=di.mean, std=di.std, **timm_kwargs)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
@@ -100,7 +65,7 @@ def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
         if not (out / CONFIG).is_file():
             raise UserError(f"--resume: {out} holds no natgrad run (no config.yaml); train without --resume first")
         refuse_symlinks(out)
-        saved = config_mod.read_run_config(out)
+        saved = RunDir(out).read_config()
         diff = config_mod.differences(saved, cfg)
         if diff:
             raise UserError(f"--resume: {out} was trained with another config ({'; '.join(diff[:3])}); "
@@ -115,6 +80,13 @@ def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
         raise UserError(f"cannot write to {parent}; choose an --out in a writable folder")
     if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
         raise UserError(f"{parent} has under {MIN_FREE_BYTES >> 20} MB free; free space or choose another --out")
+
+
+def _check_init(cfg: RunConfig) -> None:
+    """The weights to fine-tune from exist (checked before any work)."""
+    if cfg.init is not None and not weights_file(cfg.init).is_file():
+        raise UserError(f"init={cfg.init} is neither a .safetensors file nor a run folder holding model.safetensors; "
+                        "give the weights to start from")
 
 
 def _writable(folder: Path) -> bool:
@@ -182,7 +154,7 @@ class _RunFolder:
 
 def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: StopSignals, folder: _RunFolder) -> dict:
     config_mod.validate(cfg)
-    config_mod.check_can_train(cfg)
+    _check_init(cfg)
     if cfg.data.num_workers > config_mod.usable_cpus() and progress and int(os.environ.get("RANK", "0")) == 0:
         print(f"natgrad: data.num_workers={cfg.data.num_workers} is more than this machine's "
               f"{config_mod.usable_cpus()} CPUs; using {config_mod.usable_cpus()}", flush=True)
@@ -209,7 +181,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: Sto
     seed_everything(cfg.seed)
     model = build_model(cfg).to(ctx.device)
     if cfg.init and not resume:  # fine-tuning; checked before the run folder is created
-        ckpt.load_weights(model, ckpt.weights_file(cfg.init))
+        ckpt.load_weights(model, weights_file(cfg.init))
     optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=cfg.lr, weight_decay=cfg.optim.weight_decay,
                                     eps=cfg.optim.opt_eps, momentum=cfg.optim.momentum)
     scheduler = None

@@ -1,0 +1,137 @@
+"""Everything a run is built from its config: device, seeds, model, objective, optimizer, schedule.
+
+Training, the benchmark and model loading for evaluation all build through these functions, so a
+model is made one way everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from natgrad import models, objectives
+from natgrad.config import RunConfig
+from natgrad.datainfo import info
+from natgrad.digest import model_digest
+from natgrad.engine.checkpoint import load_weights
+from natgrad.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def select_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (a GPU when one is visible), ``cpu`` or ``cuda``; under torchrun each local rank its own GPU."""
+    if name not in DEVICES:
+        raise UserError(f"device={name!r} is not one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_model(cfg: RunConfig, channels: int | None = None, input_size: int | None = None) -> nn.Module:
+    """The configured model with the dataset's classes and normalization inside.
+
+    Args:
+        channels: input channels when they differ from the dataset's (the benchmark's shapes); the
+            normalization is then the identity.
+        input_size: the image size a vision transformer is built for (convolutional nets take any size).
+    """
+    di = info(cfg.data)
+    channels = di.in_chans if channels is None else channels
+    same = channels == di.in_chans
+    kwargs: dict[str, Any] = {}
+    if cfg.model.name not in models.BUILTIN:
+        kwargs = {"drop_rate": cfg.model.drop, "drop_path_rate": cfg.model.drop_path}
+        if input_size is not None and models.takes_img_size(cfg.model.name):
+            kwargs["img_size"] = input_size
+    return models.create(cfg.model.name, di.num_classes, channels, act=cfg.model.act, bn_eval=cfg.model.bn_eval,
+                         mean=di.mean if same else None, std=di.std if same else None, **kwargs)
+
+
+def _gradnorm_params(cfg: RunConfig) -> dict[str, Any]:
+    g, a = cfg.gradnorm, cfg.attack
+    params = {"eps": cfg.eps, "ce_weight": g.ce_weight, "gn_weight": g.gn_weight, "warmup_epochs": g.warmup_epochs,
+              "norm": g.norm, "channel_weights": g.channel_weights, "input_noise": g.input_noise,
+              "noise_std": g.noise_std, "attack_steps": a.steps, "attack_step_size": a.step_size,
+              "attack_random_start": a.random_start}
+    return params if cfg.method == "gradnorm" else {**params, "fd_step": g.fd_step}
+
+
+def _attack_params(cfg: RunConfig) -> dict[str, Any]:
+    a = cfg.attack
+    params = {"eps": cfg.eps, "step_size": a.step_size, "warmup_epochs": a.warmup_epochs}
+    if a.random_start is not None:
+        params["random_start"] = a.random_start
+    return params if cfg.method == "fgsm" else {**params, "steps": a.steps}
+
+
+_PARAMS = {
+    "natural": lambda cfg: {},
+    "gradnorm": _gradnorm_params,
+    "gradnorm-fd": _gradnorm_params,
+    "pgd": _attack_params,
+    "fgsm": _attack_params,
+    "edge": lambda cfg: dataclasses.asdict(cfg.edge),
+}
+
+
+def objective_params(cfg: RunConfig) -> dict[str, Any]:
+    """The parameters ``objectives.create`` takes for the configured method."""
+    return _PARAMS[cfg.method](cfg)
+
+
+def build_objective(cfg: RunConfig, model: nn.Module) -> objectives.Objective:
+    """The configured training objective on ``model``."""
+    return objectives.create(cfg.method, model, **objective_params(cfg))
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer as configured (``optim.name``, lr, weight decay, eps, momentum)."""
+    o = cfg.optim
+    return create_optimizer_v2(model, opt=o.name, lr=cfg.lr, weight_decay=o.weight_decay, eps=o.opt_eps,
+                               momentum=o.momentum)
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> CosineLRScheduler | None:
+    """timm's per-iteration cosine schedule with warmup, or None for a constant lr."""
+    o = cfg.optim
+    if o.sched != "cosine":
+        return None
+    return CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=o.min_lr,
+                             warmup_t=round(o.warmup_epochs * steps_per_epoch), warmup_lr_init=o.warmup_lr,
+                             warmup_prefix=True, t_in_epochs=False)
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready for evaluation, with where its weights came from."""
+
+    cfg: RunConfig
+    model: nn.Module
+    weights: Path
+    name: str
+    sha256: str  # of the loaded weights and buffers (digest.model_digest)
+
+
+def load_trained(cfg: RunConfig, weights: Path, name: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """The model of ``cfg`` with the safetensors ``weights``, in eval mode on ``device``."""
+    model = build_model(cfg)
+    load_weights(model, weights)
+    return LoadedModel(cfg, model.to(device).eval(), weights, name, model_digest(model))
