@@ -30,7 +30,7 @@ from natgrad.analysis.geometry import (
     loss_and_gradient,
     normalized_curvature,
 )
-from natgrad.attacks import eval_mode, frozen_parameters, pgd
+from natgrad.attacks import eval_mode, frozen_parameters, paper_step_size, pgd
 from natgrad.errors import UserError, did_you_mean
 from natgrad.files import TEMP_PREFIX
 
@@ -77,14 +77,8 @@ def _ce(model: nn.Module, y: torch.Tensor):
     return lambda z: F.cross_entropy(model(z).float(), y, reduction="none")
 
 
-def _step_size(eps: float) -> float:
-    from natgrad.engine.robustness import step_size
-
-    return step_size(eps)
-
-
 def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
-    return pgd(model, x, y, eps, steps, _step_size(eps), random_start=True, keep_best=True)
+    return pgd(model, x, y, eps, steps, paper_step_size(eps), random_start=True, keep_best=True)
 
 
 def _gradients(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict, dict]:

@@ -2,6 +2,6 @@
 
 from natgrad.attacks.autoattack import autoattack
 from natgrad.attacks.fgsm import fgsm
-from natgrad.attacks.pgd import eval_mode, finite_logits, frozen_parameters, pgd
+from natgrad.attacks.pgd import eval_mode, finite_logits, frozen_parameters, paper_step_size, pgd
 
-__all__ = ["autoattack", "eval_mode", "fgsm", "finite_logits", "frozen_parameters", "pgd"]
+__all__ = ["autoattack", "eval_mode", "fgsm", "finite_logits", "frozen_parameters", "paper_step_size", "pgd"]

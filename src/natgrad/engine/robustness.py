@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from natgrad import config as config_mod
 from natgrad import data
-from natgrad.attacks import eval_mode, finite_logits, pgd
+from natgrad.attacks import eval_mode, finite_logits, paper_step_size, pgd
 from natgrad.build import LoadedModel, load_trained
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
@@ -153,11 +153,6 @@ def remove_autoattack_state(state_dir: Path) -> None:
         state_dir.parent.rmdir()
 
 
-def step_size(eps: float) -> float:
-    """The paper's 1/255 at 4/255, scaled with eps."""
-    return eps / 4
-
-
 def evaluate_model(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: Context) -> dict:
     """Run every named attack at every eps on ``ds``; returns ``{"results": [...], "sweeps": {...}}``."""
     s = settings
@@ -176,11 +171,11 @@ def evaluate_model(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: C
                 for eps in s.eps:
                     for steps in s.pgd_steps:
                         def perturb(x, y, eps=eps, steps=steps, direction=direction):
-                            return pgd(model, x, y, eps, steps, step_size(eps), random_start=True, keep_best=True,
+                            return pgd(model, x, y, eps, steps, paper_step_size(eps), random_start=True, keep_best=True,
                                        direction=direction, restarts=s.restarts)
                         name = f"{attack}-{steps}"
                         n, correct = _accuracy_counts(model, ds, ctx, s, f"{name} eps={eps:.4g}", perturb)
-                        rows.append(_row(name, eps, n, correct, steps=steps, step_size=step_size(eps), restarts=s.restarts))
+                        rows.append(_row(name, eps, n, correct, steps=steps, step_size=paper_step_size(eps), restarts=s.restarts))
             elif attack.startswith("autoattack"):
                 for eps in s.eps:
                     rows.append(_autoattack_row(model, ds, ctx, attack, eps, s))
@@ -189,7 +184,7 @@ def evaluate_model(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: C
                     raise UserError("the transfer attack needs --source RUN_DIR (the model the examples are made on)")
                 for eps in s.eps:
                     def perturb(x, y, eps=eps):
-                        return pgd(s.source, x, y, eps, s.source_steps, step_size(eps), random_start=True, keep_best=True)
+                        return pgd(s.source, x, y, eps, s.source_steps, paper_step_size(eps), random_start=True, keep_best=True)
                     n, correct = _accuracy_counts(model, ds, ctx, s, f"transfer eps={eps:.4g}", perturb)
                     rows.append(_row("transfer", eps, n, correct, source_steps=s.source_steps))
             elif attack == "eps-sweep":
@@ -238,7 +233,7 @@ def _eps_sweep(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings) -> 
     accs = []
     for eps in grid:
         def perturb(x, y, eps=eps):
-            return pgd(model, x, y, eps, steps, step_size(eps), random_start=True, keep_best=True) if eps > 0 else x
+            return pgd(model, x, y, eps, steps, paper_step_size(eps), random_start=True, keep_best=True) if eps > 0 else x
         n, correct = _accuracy_counts(model, ds, ctx, s, f"eps-sweep {eps:.4g}", perturb)
         accs.append(correct / max(n, 1))
     return {"attack": f"pgd-{steps}", "eps": grid, "robust_acc": accs, "n": n}
@@ -251,7 +246,7 @@ def _steps_sweep(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings) -
     for steps in s.sweep_steps:
         totals = torch.zeros(3, dtype=torch.float64)  # n, correct, loss sum
         for x, y in shard_batches(ds, s.batch_size, ctx, s.seed, f"steps-sweep {steps}", s.progress):
-            x_adv = pgd(model, x, y, eps, steps, step_size(eps), random_start=True)
+            x_adv = pgd(model, x, y, eps, steps, paper_step_size(eps), random_start=True)
             with torch.no_grad():
                 logits = finite_logits(model(x_adv), f"the images of steps-sweep {steps}")
                 totals += torch.tensor([len(y), (logits.argmax(1) == y).sum().item(),
