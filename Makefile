@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is installed first and explicitly: on these machines the pinned wheels lie on local disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow data clean
+.PHONY: demo test test-slow lint data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ data:
 demo: $(VENV)/.installed data
 	$(VENV)/bin/natgrad demo --out runs/demo
 
-test: $(VENV)/.installed data
+# Lint and types first (seconds), then the tests.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/mypy
+
+test: $(VENV)/.installed data lint
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.installed data

@@ -46,7 +46,8 @@ def main() -> int:
     try:
         import torchattacks
     except ImportError:
-        print("bench_pgd: torchattacks is not installed; run `pip install torchattacks` (benchmark only)", file=sys.stderr)
+        print("bench_pgd: torchattacks is not installed; run `pip install torchattacks` (benchmark only)",
+              file=sys.stderr)
         return 2
 
     device = torch.device(args.device)

@@ -2,9 +2,12 @@
 
 Usage: python scripts/check_gpu_pipeline.py RESULTS_COPY.json [cuda|cpu]   (docs/RESULTS.md, issue 6)
 """
-import json, shutil, sys, time
+import json
+import shutil
+import sys
+import time
 from pathlib import Path
-import torch
+
 from natgrad.pipeline import Sizes
 from natgrad.reproduce import run_reproduce
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import yaml
 
 from natgrad import config, data, objectives
-from natgrad.engine.checkpoint import load_weights
 from natgrad.build import build_model, objective_params
+from natgrad.engine.checkpoint import load_weights
 
 
 def _grad(model: torch.nn.Module, objective, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

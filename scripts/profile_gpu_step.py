@@ -4,6 +4,7 @@ Usage: python scripts/profile_gpu_step.py   (needs a CUDA GPU; docs/RESULTS.md, 
 """
 import torch
 from torch.profiler import ProfilerActivity, profile
+
 from natgrad.build import build_model
 from natgrad.engine.bench import BenchSettings, bench_config, build_steps
 

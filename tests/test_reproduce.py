@@ -49,7 +49,7 @@ def _paper_like_rows() -> list[dict]:
     ]
 
 
-ROLES = reproduce.DATASETS["fmnist"].roles
+ROLES = reproduce.REPRODUCTIONS["fmnist"].roles
 
 
 def _verdicts(rows: list[dict]) -> dict[int, str]:

@@ -2,15 +2,44 @@
 
 Implements "Characterizing Model Robustness via Natural Input Gradients"
 (Rodriguez-Munoz, Wang, Torralba, ECCV 2024).
+
+The public names below are loaded on first use, so that importing a light module (``natgrad.config``)
+does not load torch's attack stack and AutoAttack.
 """
 
-from natgrad import analysis, attacks, config, data, models, objectives
-from natgrad.attacks import fgsm, pgd
-from natgrad.config import RunConfig
-from natgrad.engine import evaluate, train
-from natgrad.errors import UserError
-from natgrad.objectives.gradnorm import input_gradient
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["RunConfig", "UserError", "analysis", "attacks", "config", "data", "evaluate", "fgsm", "input_gradient",
-           "models", "objectives", "pgd", "train"]
+
+# public name -> (module, attribute or None for the module itself)
+_PUBLIC = {
+    "analysis": ("natgrad.analysis", None),
+    "attacks": ("natgrad.attacks", None),
+    "config": ("natgrad.config", None),
+    "data": ("natgrad.data", None),
+    "models": ("natgrad.models", None),
+    "objectives": ("natgrad.objectives", None),
+    "fgsm": ("natgrad.attacks", "fgsm"),
+    "pgd": ("natgrad.attacks", "pgd"),
+    "RunConfig": ("natgrad.config", "RunConfig"),
+    "evaluate": ("natgrad.engine", "evaluate"),
+    "train": ("natgrad.engine", "train"),
+    "UserError": ("natgrad.errors", "UserError"),
+    "input_gradient": ("natgrad.objectives.gradnorm", "input_gradient"),
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'natgrad' has no attribute {name!r}")
+    module, attribute = _PUBLIC[name]
+    value = importlib.import_module(module)
+    return value if attribute is None else getattr(value, attribute)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

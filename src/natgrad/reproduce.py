@@ -92,7 +92,7 @@ def imagenet_grid(fine_tune_epochs: int) -> Grid:
 
 
 @dataclasses.dataclass(frozen=True)
-class Dataset:
+class Reproduction:
     """A dataset's grid, its budgets and which experiments play which part in the claims."""
 
     grid: Callable[[int], Grid]  # from the fine-tuning epochs
@@ -111,8 +111,8 @@ _IMAGENET_ROLES = {"natural": "natural", "gradnorm": "gradnorm", "pgd": "pgd", "
 _FULL_EVAL = dict(limit_eval=1000, n_eval=1000, n_sweep=1000, sweep_to=8.0, n_autoattack=1000, autoattack_batch=250,
                   pgd_steps=10, n_analysis=1000, power_iterations=20, bench_steps=10, bench_warmup=2)
 
-DATASETS: dict[str, Dataset] = {
-    "fmnist": Dataset(
+REPRODUCTIONS: dict[str, Reproduction] = {
+    "fmnist": Reproduction(
         fmnist_grid,
         budgets={
             "full": (Sizes(epochs=None, limit_train=None, **_FULL_EVAL), 2),
@@ -123,7 +123,7 @@ DATASETS: dict[str, Dataset] = {
         roles=_FMNIST_ROLES,
         expected={"short": "about 34 minutes on a 2-core CPU (measured: docs/RESULTS.md)",
                   "full": "several hours on a 2-core CPU, most of it AutoAttack (docs/RESULTS.md has the measured time)"}),
-    "cifar10": Dataset(
+    "cifar10": Reproduction(
         cifar10_grid,
         budgets={"full": (Sizes(epochs=None, limit_train=None, **_FULL_EVAL), 30),
                  "short": (Sizes(epochs=10, limit_train=None, **_FULL_EVAL), 5)},
@@ -131,7 +131,7 @@ DATASETS: dict[str, Dataset] = {
         expected={"full": "not measured here (no GPU): 650 epochs of PreAct ResNet-18 in all, 600 of them with "
                           "double backprop or PGD-3",
                   "short": "not measured here (no GPU): 10 epochs per model"}),
-    "imagenet": Dataset(
+    "imagenet": Reproduction(
         imagenet_grid,
         budgets={"full": (Sizes(epochs=None, limit_train=None, **_FULL_EVAL), 30),
                  "short": (Sizes(epochs=10, limit_train=None, **_FULL_EVAL), 3)},
@@ -186,7 +186,7 @@ def _claim(number: int, text: str, criterion: str, paper: str, measure: Callable
     return check
 
 
-def _c1(get, sweep):
+def _natural_has_no_robustness(get, sweep):
     aa = get("natural", "autoattack_acc")
     return f"natural AutoAttack {_pct(aa)}", aa <= 0.02
 
@@ -198,7 +198,7 @@ def _of_pgd(value: float, pgd: float, digits: int = 3) -> tuple[float, str]:
     return float("nan"), "undefined (PGD-3 at 0%)"
 
 
-def _c2(get, sweep):
+def _gradnorm_near_pgd(get, sweep):
     gn, pgd = get("gradnorm", "autoattack_acc"), get("pgd", "autoattack_acc")
     gn_clean, pgd_clean = get("gradnorm", "clean_acc"), get("pgd", "clean_acc")
     ratio, ratio_text = _of_pgd(gn, pgd)
@@ -206,13 +206,13 @@ def _c2(get, sweep):
             f"{_pct(pgd_clean)}"), ratio >= 0.90
 
 
-def _c3(get, sweep):
+def _gradnorm_cheaper_than_pgd(get, sweep):
     r = get("gradnorm", "relative_to_pgd")
     flops = get("gradnorm", "flops_relative_to_pgd")
     return f"GradNorm step {r:.3f} of PGD-3's time ({flops:.3f} of its matmul/conv FLOPs)", r <= 0.65
 
 
-def _c4(get, sweep):
+def _relu_breaks_gradnorm(get, sweep):
     gn = {a: get(f"gradnorm-{a}", "autoattack_acc") for a in ("gelu", "silu", "relu")}
     pgd = {a: get(f"pgd-{a}", "autoattack_acc") for a in ("gelu", "silu", "relu")}
     spread = max(pgd.values()) - min(pgd.values())
@@ -223,28 +223,28 @@ def _c4(get, sweep):
     return text, far_worse and spread <= 0.05
 
 
-def _c5(get, sweep):
+def _robust_gradients_smaller(get, sweep):
     nat = get("natural", "l1_mean")
     factors = {r: nat / get(r, "l1_mean") for r in ("gradnorm", "pgd")}
     return (f"mean L1 natural {nat:.4g}; " + ", ".join(f"{r} {get(r, 'l1_mean'):.4g} ({f:.0f}x lower)"
                                                        for r, f in factors.items())), min(factors.values()) >= 10
 
 
-def _c6(get, sweep):
+def _gradients_follow_edges(get, sweep):
     keys = ("saliency_edge_corr", "loss_grad_edge_corr")
     vals = {r: [get(r, k) for k in keys] for r in ("natural", "gradnorm", "pgd")}
     text = "; ".join(f"{r} saliency {v[0]:+.3f}, loss gradient {v[1]:+.3f}" for r, v in vals.items())
     return text, all(v < 0 for v in vals["natural"]) and all(v > 0 for r in ("gradnorm", "pgd") for v in vals[r])
 
 
-def _c7(get, sweep):
+def _edges_alone_give_robustness(get, sweep):
     edge, nat, pgd = get("edge", "autoattack_acc"), get("natural", "autoattack_acc"), get("pgd", "autoattack_acc")
     share_text = _of_pgd(edge, pgd, digits=2)[1]
     return (f"edge regularization AutoAttack {_pct(edge)} (natural {_pct(nat)}, PGD-3 {_pct(pgd)}: "
             f"{share_text} of PGD-3's)"), edge - nat >= 0.10
 
 
-def _c8(get, sweep):
+def _robust_models_flatter(get, sweep):
     parts, ok = [], True
     for key, name in (("curvature", "normalized curvature"), ("linearity_error", "linearity error")):
         nat = get("natural", key)
@@ -255,7 +255,7 @@ def _c8(get, sweep):
     return "; ".join(parts), ok
 
 
-def _c9(get, sweep):
+def _weight_trades_clean_for_robust(get, sweep):
     if len(sweep) < 2 or any(r["clean_acc"] is None or r["autoattack_acc"] is None for r in sweep):
         raise _Missing("the GradNorm weight sweep")
     text = "; ".join(f"weight {r['weight']:g}: clean {_pct(r['clean_acc'])}, AutoAttack {_pct(r['autoattack_acc'])}"
@@ -264,42 +264,42 @@ def _c9(get, sweep):
     return text, hi["clean_acc"] < lo["clean_acc"] and hi["autoattack_acc"] > lo["autoattack_acc"]
 
 
-def _c10(get, sweep):
+def _fgsm_weakest(get, sweep):
     fgsm, gn, pgd = (get(r, "autoattack_acc") for r in ("fgsm", "gradnorm", "pgd"))
     return f"AutoAttack FGSM {_pct(fgsm)}, GradNorm {_pct(gn)}, PGD-3 {_pct(pgd)}", fgsm < min(gn, pgd)
 
 
 CLAIMS = (
     _claim(1, "Natural training has about 0% AutoAttack accuracy.", "natural AutoAttack accuracy <= 2%",
-           "0.00% (Swin-B, ResNet-50 on ImageNet, Tables 1, 2; PRN-18 on CIFAR-10, Table 9)", _c1),
+           "0.00% (Swin-B, ResNet-50 on ImageNet, Tables 1, 2; PRN-18 on CIFAR-10, Table 9)", _natural_has_no_robustness),
     _claim(2, "GradNorm reaches at least 90% of PGD-3 adversarial training's AutoAttack accuracy.",
            "GradNorm (GELU) AutoAttack / PGD-3 (GELU) AutoAttack >= 0.90",
-           "51.58 / 56.16 = 0.92 (Swin-B, ImageNet, Table 2); 39.60 / 42.05 = 0.94 (PRN-18, CIFAR-10, Table 9)", _c2),
+           "51.58 / 56.16 = 0.92 (Swin-B, ImageNet, Table 2); 39.60 / 42.05 = 0.94 (PRN-18, CIFAR-10, Table 9)", _gradnorm_near_pgd),
     _claim(3, "at about 63% of its cost per training step.",
            "GradNorm's time per step <= 0.65 of PGD-3's, one bench run on this machine",
-           "1.848 s / 2.943 s = 0.628 (Swin-B, 8 V100, Table 3)", _c3),
+           "1.848 s / 2.943 s = 0.628 (Swin-B, 8 V100, Table 3)", _gradnorm_cheaper_than_pgd),
     _claim(4, "With ReLU, GradNorm is far worse than with GELU or SiLU, while PGD-3 barely cares.",
            "GradNorm ReLU AutoAttack <= half of GELU's and SiLU's, and PGD-3's AutoAttack spread over the three "
            "activations <= 5 points",
-           "GradNorm ReLU 6.82 / GELU 30.00 / SiLU 30.58; PGD-3 31.60 / 32.64 / 33.40 (ResNet-50, Table 4)", _c4),
+           "GradNorm ReLU 6.82 / GELU 30.00 / SiLU 30.58; PGD-3 31.60 / 32.64 / 33.40 (ResNet-50, Table 4)", _relu_breaks_gradnorm),
     _claim(5, "Robust models' mean L1 input-gradient norm is at least an order of magnitude below the natural "
               "model's.", "natural / robust mean L1 >= 10 for GradNorm and PGD-3",
-           "Swin-B 3892 vs 37.42 (adv.), ResNet-50 3013 vs 56.82 (Table 1)", _c5),
+           "Swin-B 3892 vs 37.42 (adv.), ResNet-50 3013 vs 56.82 (Table 1)", _robust_gradients_smaller),
     _claim(6, "The log-gradient / log-edge correlation is positive for robust models and negative for the natural "
               "one.", "natural < 0 and GradNorm, PGD-3 > 0, for the saliency map and for the loss gradient",
-           "natural -0.45 / -0.44, GradNorm +0.56 / +0.57, PGD-3 +0.56 / +0.57 (Table 5)", _c6),
+           "natural -0.45 / -0.44, GradNorm +0.56 / +0.57, PGD-3 +0.56 / +0.57 (Table 5)", _gradients_follow_edges),
     _claim(7, "Edge regularization alone gives non-trivial robustness.",
            "edge-regularized AutoAttack accuracy at least 10 points above natural",
-           "35.02% against natural 0.00% and PGD-3 56.16% (Swin-B, Table 5)", _c7),
+           "35.02% against natural 0.00% and PGD-3 56.16% (Swin-B, Table 5)", _edges_alone_give_robustness),
     _claim(8, "Robust models have orders of magnitude lower curvature and local linearity error.",
            "natural / robust >= 100 for normalized curvature and for linearity error, GradNorm and PGD-3",
-           "curvature 1e4 vs 2.15 / 2.17 (Table 6); linearity error 3.55e-3 vs 1.86e-5 / 8.2e-6 (Table 7)", _c8),
+           "curvature 1e4 vs 2.15 / 2.17 (Table 6); linearity error 3.55e-3 vs 1.86e-5 / 8.2e-6 (Table 7)", _robust_models_flatter),
     _claim(9, "Raising the GradNorm weight trades clean for robust accuracy.",
            "from the smallest to the largest fine-tuning weight, clean accuracy falls and AutoAttack accuracy rises",
-           "weight 1.2 -> 1.4: clean 77.78 -> 76.20, AutoAttack 51.58 -> 52.48 (Swin-B, Figure 5)", _c9),
+           "weight 1.2 -> 1.4: clean 77.78 -> 76.20, AutoAttack 51.58 -> 52.48 (Swin-B, Figure 5)", _weight_trades_clean_for_robust),
     _claim(10, "FGSM is the weakest of the robust trainings.",
            "FGSM AutoAttack accuracy below GradNorm's and PGD-3's",
-           "before its collapse 0.8 points below GradNorm on PGD-10; after it PGD-100 9.78% (Swin-B, Figure 12)", _c10),
+           "before its collapse 0.8 points below GradNorm on PGD-10; after it PGD-100 9.78% (Swin-B, Figure 12)", _fgsm_weakest),
 )
 
 
@@ -390,19 +390,19 @@ def _report_sections(dataset: str, budget: str, verdicts: list[Verdict], bar: st
 # ---------------------------------------------------------------------------- the command
 
 
-def resolve(dataset: str, budget: str) -> tuple[Dataset, Grid, Sizes]:
+def resolve(dataset: str, budget: str) -> tuple[Reproduction, Grid, Sizes]:
     """The dataset's grid and sizes for ``budget``; a UserError for an unknown dataset or budget."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}{did_you_mean(dataset, list(DATASETS))}; "
-                        f"use one of {', '.join(DATASETS)}")
+    if dataset not in REPRODUCTIONS:
+        raise UserError(f"unknown dataset {dataset!r}{did_you_mean(dataset, list(REPRODUCTIONS))}; "
+                        f"use one of {', '.join(REPRODUCTIONS)}")
     if budget not in BUDGETS:
         raise UserError(f"unknown budget {budget!r}{did_you_mean(budget, list(BUDGETS))}; use short or full")
-    d = DATASETS[dataset]
+    d = REPRODUCTIONS[dataset]
     sizes, ft_epochs = d.budgets[budget]
     return d, d.grid(ft_epochs), sizes
 
 
-def describe(dataset: str, budget: str, grid: Grid, sizes: Sizes, d: Dataset) -> str:
+def describe_reproduction(dataset: str, budget: str, grid: Grid, sizes: Sizes, d: Reproduction) -> str:
     """What the run will do, printed before it starts."""
     return "\n".join([
         f"  budget   {budget}: {sizes.schedule()} per model (fine-tunes: their own epochs); expect {d.expected[budget]}",
@@ -424,7 +424,7 @@ def run_reproduce(dataset: str, out: Path | str | None = None, budget: str = "fu
         dataset: fmnist, cifar10 or imagenet.
         out: the folder (default ``runs/reproduce-DATASET-BUDGET``): new, empty, or one an earlier run of the
             same dataset, budget and overrides left.
-        budget: short or full (see :data:`DATASETS`).
+        budget: short or full (see :data:`REPRODUCTIONS`).
         overrides: ``key=value`` for every recipe, last (tests run the grids on synthetic data with them).
         progress: progress bars and the stages' own output.
         log: where banners and the summary go (default ``print``).
@@ -448,7 +448,7 @@ def run_reproduce(dataset: str, out: Path | str | None = None, budget: str = "fu
         out.mkdir(parents=True, exist_ok=True)
         write_state(out, STATE_FILE, state)
         say(f"natgrad reproduce {dataset} into {out}" + (" (continuing: finished stages are skipped)" if saved else "")
-            + "\n" + describe(dataset, budget, grid, sizes, d))
+            + "\n" + describe_reproduction(dataset, budget, grid, sizes, d))
     start = time.perf_counter()
     stage_seconds = run_stages(out, f"natgrad reproduce {dataset}", STATE_FILE, state, todo, say)
     if not main:
@@ -480,4 +480,4 @@ def run_reproduce(dataset: str, out: Path | str | None = None, budget: str = "fu
     return results
 
 
-__all__ = ["BUDGETS", "CLAIMS", "DATASETS", "Verdict", "check_claims", "quality_bar", "resolve", "run_reproduce"]
+__all__ = ["BUDGETS", "CLAIMS", "REPRODUCTIONS", "Verdict", "check_claims", "quality_bar", "resolve", "run_reproduce"]
