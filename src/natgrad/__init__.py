@@ -25,8 +25,8 @@ _PUBLIC = {
     "fgsm": ("natgrad.attacks", "fgsm"),
     "pgd": ("natgrad.attacks", "pgd"),
     "RunConfig": ("natgrad.config", "RunConfig"),
-    "evaluate": ("natgrad.engine", "evaluate"),
-    "train": ("natgrad.engine", "train"),
+    "evaluate": ("natgrad.engine.evaluate", "evaluate"),
+    "train": ("natgrad.engine.train", "train"),
     "UserError": ("natgrad.errors", "UserError"),
     "input_gradient": ("natgrad.objectives.gradnorm", "input_gradient"),
 }

@@ -20,7 +20,7 @@ from natgrad.signals import StopSignals
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from natgrad.engine import train
+    from natgrad.engine.train import train
 
     cfg = config.load(args.recipe, args.overrides)
     if args.resume and not args.out:

@@ -1,6 +1,1 @@
-"""Training loop, evaluation, checkpoints and distributed helpers."""
-
-from natgrad.engine.evaluate import evaluate
-from natgrad.engine.train import train
-
-__all__ = ["evaluate", "train"]
+"""Training loop, benchmark, checkpoints and distributed helpers (``natgrad.train`` is the entry point)."""

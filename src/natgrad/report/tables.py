@@ -208,50 +208,49 @@ def table1(runs: list[Run]) -> Table:
     return Table("table-1", "Table 1 \u00b7 Gradient norm", caption, columns, rows, _analysis_notes(runs, "gradients"))
 
 
+def _statistics_table(runs: list[Run], section: str, table_id: str, title: str, columns: list[Column],
+                      stats: list[tuple[str, str]], caption: str) -> Table:
+    """Clean and AutoAttack accuracy beside mean ± std statistics of one analysis section."""
+    rows = []
+    for run in runs:
+        values = run.section(section)
+        rows.append((run, [clean_cell(run), autoattack_cell(run), *(_stat(values, m, sd) for m, sd in stats)]))
+    return Table(table_id, title, caption + _n_text(runs, section), _accuracy_columns() + columns, rows,
+                 _analysis_notes(runs, section))
+
+
 def table5(runs: list[Run]) -> Table:
     """Table 5: Pearson correlation of log gradient magnitudes with log oriented energy (image edges)."""
     group = "Pearson corr. of log \u00b7 w/ log oriented energy"
-    columns = _accuracy_columns() + [Column("Saliency map", group, "high"), Column("|\u2207x L|", group, "high")]
-    rows = []
-    for run in runs:
-        e = run.section("edges")
-        rows.append((run, [clean_cell(run), autoattack_cell(run), _stat(e, "saliency_corr_mean", "saliency_corr_std"),
-                           _stat(e, "loss_grad_corr_mean", "loss_grad_corr_std")]))
-    caption = ("Mean \u00b1 std over images of the correlation between the log gradient magnitude and the log image "
-               "edges; robust models correlate positively." + _n_text(runs, "edges"))
-    return Table("table-5", "Table 5 \u00b7 Gradients and edges", caption, columns, rows,
-                 _analysis_notes(runs, "edges"))
+    return _statistics_table(
+        runs, "edges", "table-5", "Table 5 \u00b7 Gradients and edges",
+        [Column("Saliency map", group, "high"), Column("|\u2207x L|", group, "high")],
+        [("saliency_corr_mean", "saliency_corr_std"), ("loss_grad_corr_mean", "loss_grad_corr_std")],
+        "Mean \u00b1 std over images of the correlation between the log gradient magnitude and the log image "
+        "edges; robust models correlate positively.")
 
 
 def table6(runs: list[Run]) -> Table:
     """Table 6: gradient L2 norm, Hessian spectral norm and normalized curvature."""
-    columns = _accuracy_columns() + [Column("E\u2016\u2207L\u2016\u2082", "Geometry", "low"),
-                                     Column("E\u2016\u2207\u00b2L\u2016\u2082", "Geometry", "low"),
-                                     Column("E C_L", "Geometry", "low", title="normalized curvature")]
-    rows = []
-    for run in runs:
-        g = run.section("geometry")
-        rows.append((run, [clean_cell(run), autoattack_cell(run), _stat(g, "grad_l2_mean", "grad_l2_std"),
-                           _stat(g, "hessian_norm_mean", "hessian_norm_std"),
-                           _stat(g, "curvature_mean", "curvature_std")]))
-    caption = ("Mean \u00b1 std of the geometry statistics of Srinivas et al.; C_L = \u2016\u2207\u00b2L\u2016\u2082 / "
-               "\u2016\u2207L\u2016\u2082. Lower is smoother." + _n_text(runs, "geometry"))
-    return Table("table-6", "Table 6 \u00b7 Geometry", caption, columns, rows, _analysis_notes(runs, "geometry"))
+    return _statistics_table(
+        runs, "geometry", "table-6", "Table 6 \u00b7 Geometry",
+        [Column("E\u2016\u2207L\u2016\u2082", "Geometry", "low"),
+         Column("E\u2016\u2207\u00b2L\u2016\u2082", "Geometry", "low"),
+         Column("E C_L", "Geometry", "low", title="normalized curvature")],
+        [("grad_l2_mean", "grad_l2_std"), ("hessian_norm_mean", "hessian_norm_std"),
+         ("curvature_mean", "curvature_std")],
+        "Mean \u00b1 std of the geometry statistics of Srinivas et al.; C_L = \u2016\u2207\u00b2L\u2016\u2082 / "
+        "\u2016\u2207L\u2016\u2082. Lower is smoother.")
 
 
 def table7(runs: list[Run]) -> Table:
     """Table 7: local linearity error of Rocamora et al. and its log10."""
-    columns = _accuracy_columns() + [Column("linerr", "Local linearity error", "low"),
-                                     Column("log\u2081\u2080(linerr)", "Local linearity error", "low")]
-    rows = []
-    for run in runs:
-        s = run.section("linearity")
-        rows.append((run, [clean_cell(run), autoattack_cell(run), _stat(s, "error_mean", "error_std"),
-                           _stat(s, "log10_mean", "log10_std")]))
-    caption = ("Mean \u00b1 std of the local linearity error and of its log10. Lower is more linear."
-               + _n_text(runs, "linearity"))
-    return Table("table-7", "Table 7 \u00b7 Local linearity", caption, columns, rows,
-                 _analysis_notes(runs, "linearity"))
+    return _statistics_table(
+        runs, "linearity", "table-7", "Table 7 \u00b7 Local linearity",
+        [Column("linerr", "Local linearity error", "low"),
+         Column("log\u2081\u2080(linerr)", "Local linearity error", "low")],
+        [("error_mean", "error_std"), ("log10_mean", "log10_std")],
+        "Mean \u00b1 std of the local linearity error and of its log10. Lower is more linear.")
 
 
 def sanity_rows(runs: list[Run]) -> list[tuple[Run, dict]]:
