@@ -18,8 +18,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from natgrad.pipeline import (BENCH_FILE, Experiment, Grid, Sizes, check_data, check_out, check_runs, format_summary, html_table,
-                              read_json, result_rows, run_stages, stages, summary_columns, write_state)
+from natgrad.pipeline import (
+    BENCH_FILE,
+    Experiment,
+    Grid,
+    Sizes,
+    check_data,
+    check_out,
+    check_runs,
+    format_summary,
+    html_table,
+    read_json,
+    result_rows,
+    run_stages,
+    stages,
+    summary_columns,
+    write_state,
+)
 
 MARKER = "natgrad-demo"
 RECIPES = ("fmnist-natural", "fmnist-gradnorm", "fmnist-pgd")
@@ -64,11 +79,12 @@ def _demo_section(s: Sizes, rows: list[dict], pgd_steps: int | None, stage_secon
     notes = "".join(f"<li>{e(n)}</li>" for n in _notes(s, eps))
     total = sum(stage_seconds.values())
     times = ", ".join(f"{e(k)} {v:.0f} s" for k, v in stage_seconds.items())
-    return (f"<section id=\"demo\">\n<h2>Demo summary</h2>\n<p class=\"caption\">Written by <code>natgrad demo</code>: "
+    return ("<section id=\"demo\">\n<h2>Demo summary</h2>\n<p class=\"caption\">Written by <code>natgrad demo</code>: "
             "natural training, GradNorm (Eq. 2) and PGD-3 adversarial training of the same cnn-small, compared on "
-            f"robustness, training cost and natural input gradients.</p>\n"
+            "robustness, training cost and natural input gradients.</p>\n"
             + html_table("table-demo", *summary_columns(rows, pgd_steps))
-            + f"<ul class=\"notes\">{notes}<li>Stage times: {times} (total {total / 60:.1f} min).</li></ul>\n</section>\n")
+            + f"<ul class=\"notes\">{notes}<li>Stage times: {times} (total {total / 60:.1f} min).</li></ul>\n"
+            + "</section>\n")
 
 
 def write_demo_report(out: Path, s: Sizes, rows: list[dict], pgd_steps: int | None,
@@ -130,7 +146,8 @@ def run_demo(out: Path | str = Path("runs/demo"), settings: Sizes | None = None,
     out.mkdir(parents=True, exist_ok=True)
     write_state(out, DEMO_FILE, state)
 
-    say(f"natgrad demo into {out}" + (" (continuing: finished stages are skipped)" if saved else "") + "\n" + describe(s))
+    continuing = " (continuing: finished stages are skipped)" if saved else ""
+    say(f"natgrad demo into {out}{continuing}\n" + describe(s))
     start = time.perf_counter()
     stage_seconds = run_stages(out, "natgrad demo", DEMO_FILE, state, todo, say)
     say(f"[{len(todo) + 1}/{len(todo) + 1}] report")

@@ -20,11 +20,28 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from natgrad.errors import UserError, did_you_mean
-from natgrad.pipeline import (BENCH_FILE, Experiment, Grid, Sizes, check_data, check_out, check_runs, format_summary, html_table,
-                              is_main_process, read_json, result_rows, run_stages, stages, summary_columns,
-                              text_table, write_state)
+from natgrad.pipeline import (
+    BENCH_FILE,
+    Experiment,
+    Grid,
+    Sizes,
+    check_data,
+    check_out,
+    check_runs,
+    format_summary,
+    html_table,
+    is_main_process,
+    read_json,
+    result_rows,
+    run_stages,
+    stages,
+    summary_columns,
+    text_table,
+    write_state,
+)
 
 MARKER = "natgrad-reproduce"
 STATE_FILE = "reproduce.json"
@@ -40,8 +57,9 @@ SWEEP_WEIGHTS = (0.8, 1.2, 1.6)  # Figure 5: fine-tune with (2 - w) CE + w GradN
 
 def _weight_sweep(prefix: str, recipe: str, init: str, epochs: int | None) -> tuple[Experiment, ...]:
     ft = (f"epochs={epochs}",) if epochs else ()
-    return tuple(Experiment(f"{prefix}gn-weight-{w:g}", recipe, (*ft, f"gradnorm.ce_weight={2 - w:g}",
-                                                                 f"gradnorm.gn_weight={w:g}", "gradnorm.warmup_epochs=0"),
+    return tuple(Experiment(f"{prefix}gn-weight-{w:g}", recipe,
+                            (*ft, f"gradnorm.ce_weight={2 - w:g}", f"gradnorm.gn_weight={w:g}",
+                             "gradnorm.warmup_epochs=0"),
                             init=init, label=f"GradNorm weight {w:g} (fine-tuned)") for w in SWEEP_WEIGHTS)
 
 
@@ -108,8 +126,9 @@ _IMAGENET_ROLES = {"natural": "natural", "gradnorm": "gradnorm", "pgd": "pgd", "
                    **{f"{m}-{a}": f"resnet50-{a}-{m}" for m in ("gradnorm", "pgd") for a in ("gelu", "silu", "relu")}}
 
 # The full evaluation of every dataset: 1000 images for clean, PGD-10, AutoAttack and the analyses.
-_FULL_EVAL = dict(limit_eval=1000, n_eval=1000, n_sweep=1000, sweep_to=8.0, n_autoattack=1000, autoattack_batch=250,
-                  pgd_steps=10, n_analysis=1000, power_iterations=20, bench_steps=10, bench_warmup=2)
+_FULL_EVAL: dict[str, Any] = {
+    "limit_eval": 1000, "n_eval": 1000, "n_sweep": 1000, "sweep_to": 8.0, "n_autoattack": 1000, "autoattack_batch": 250,
+    "pgd_steps": 10, "n_analysis": 1000, "power_iterations": 20, "bench_steps": 10, "bench_warmup": 2}
 
 REPRODUCTIONS: dict[str, Reproduction] = {
     "fmnist": Reproduction(
@@ -122,7 +141,8 @@ REPRODUCTIONS: dict[str, Reproduction] = {
         },
         roles=_FMNIST_ROLES,
         expected={"short": "about 34 minutes on a 2-core CPU (measured: docs/RESULTS.md)",
-                  "full": "several hours on a 2-core CPU, most of it AutoAttack (docs/RESULTS.md has the measured time)"}),
+                  "full": "several hours on a 2-core CPU, most of it AutoAttack (docs/RESULTS.md has the measured "
+                          "time)"}),
     "cifar10": Reproduction(
         cifar10_grid,
         budgets={"full": (Sizes(epochs=None, limit_train=None, **_FULL_EVAL), 30),
@@ -271,17 +291,20 @@ def _fgsm_weakest(get, sweep):
 
 CLAIMS = (
     _claim(1, "Natural training has about 0% AutoAttack accuracy.", "natural AutoAttack accuracy <= 2%",
-           "0.00% (Swin-B, ResNet-50 on ImageNet, Tables 1, 2; PRN-18 on CIFAR-10, Table 9)", _natural_has_no_robustness),
+           "0.00% (Swin-B, ResNet-50 on ImageNet, Tables 1, 2; PRN-18 on CIFAR-10, Table 9)",
+           _natural_has_no_robustness),
     _claim(2, "GradNorm reaches at least 90% of PGD-3 adversarial training's AutoAttack accuracy.",
            "GradNorm (GELU) AutoAttack / PGD-3 (GELU) AutoAttack >= 0.90",
-           "51.58 / 56.16 = 0.92 (Swin-B, ImageNet, Table 2); 39.60 / 42.05 = 0.94 (PRN-18, CIFAR-10, Table 9)", _gradnorm_near_pgd),
+           "51.58 / 56.16 = 0.92 (Swin-B, ImageNet, Table 2); 39.60 / 42.05 = 0.94 (PRN-18, CIFAR-10, Table 9)",
+           _gradnorm_near_pgd),
     _claim(3, "at about 63% of its cost per training step.",
            "GradNorm's time per step <= 0.65 of PGD-3's, one bench run on this machine",
            "1.848 s / 2.943 s = 0.628 (Swin-B, 8 V100, Table 3)", _gradnorm_cheaper_than_pgd),
     _claim(4, "With ReLU, GradNorm is far worse than with GELU or SiLU, while PGD-3 barely cares.",
            "GradNorm ReLU AutoAttack <= half of GELU's and SiLU's, and PGD-3's AutoAttack spread over the three "
            "activations <= 5 points",
-           "GradNorm ReLU 6.82 / GELU 30.00 / SiLU 30.58; PGD-3 31.60 / 32.64 / 33.40 (ResNet-50, Table 4)", _relu_breaks_gradnorm),
+           "GradNorm ReLU 6.82 / GELU 30.00 / SiLU 30.58; PGD-3 31.60 / 32.64 / 33.40 (ResNet-50, Table 4)",
+           _relu_breaks_gradnorm),
     _claim(5, "Robust models' mean L1 input-gradient norm is at least an order of magnitude below the natural "
               "model's.", "natural / robust mean L1 >= 10 for GradNorm and PGD-3",
            "Swin-B 3892 vs 37.42 (adv.), ResNet-50 3013 vs 56.82 (Table 1)", _robust_gradients_smaller),
@@ -293,13 +316,16 @@ CLAIMS = (
            "35.02% against natural 0.00% and PGD-3 56.16% (Swin-B, Table 5)", _edges_alone_give_robustness),
     _claim(8, "Robust models have orders of magnitude lower curvature and local linearity error.",
            "natural / robust >= 100 for normalized curvature and for linearity error, GradNorm and PGD-3",
-           "curvature 1e4 vs 2.15 / 2.17 (Table 6); linearity error 3.55e-3 vs 1.86e-5 / 8.2e-6 (Table 7)", _robust_models_flatter),
+           "curvature 1e4 vs 2.15 / 2.17 (Table 6); linearity error 3.55e-3 vs 1.86e-5 / 8.2e-6 (Table 7)",
+           _robust_models_flatter),
     _claim(9, "Raising the GradNorm weight trades clean for robust accuracy.",
            "from the smallest to the largest fine-tuning weight, clean accuracy falls and AutoAttack accuracy rises",
-           "weight 1.2 -> 1.4: clean 77.78 -> 76.20, AutoAttack 51.58 -> 52.48 (Swin-B, Figure 5)", _weight_trades_clean_for_robust),
+           "weight 1.2 -> 1.4: clean 77.78 -> 76.20, AutoAttack 51.58 -> 52.48 (Swin-B, Figure 5)",
+           _weight_trades_clean_for_robust),
     _claim(10, "FGSM is the weakest of the robust trainings.",
            "FGSM AutoAttack accuracy below GradNorm's and PGD-3's",
-           "before its collapse 0.8 points below GradNorm on PGD-10; after it PGD-100 9.78% (Swin-B, Figure 12)", _fgsm_weakest),
+           "before its collapse 0.8 points below GradNorm on PGD-10; after it PGD-100 9.78% (Swin-B, Figure 12)",
+           _fgsm_weakest),
 )
 
 
@@ -373,16 +399,18 @@ def _report_sections(dataset: str, budget: str, verdicts: list[Verdict], bar: st
     claims = "".join(
         f"<tr data-model=\"claim-{v.claim}\"><th class=\"model\" scope=\"row\">{v.claim}</th><td class=\"text\">"
         f"{e(v.text)}</td><td class=\"text\">{e(v.criterion)}</td><td class=\"text\">{e(v.paper)}</td>"
-        f"<td class=\"text\">{e(v.measured)}</td><td class=\"text\"><b>{e(v.verdict)}</b></td></tr>\n" for v in verdicts)
+        f"<td class=\"text\">{e(v.measured)}</td><td class=\"text\"><b>{e(v.verdict)}</b></td></tr>\n"
+        for v in verdicts)
     total = sum(stage_seconds.values())
     return [
         (f"<section id=\"claims\">\n<h2>The paper's claims on {e(dataset)}</h2>\n<p class=\"caption\">Written by "
-         f"<code>natgrad reproduce {e(dataset)} --budget {e(budget)}</code>: each claim decided by the criterion beside "
+         f"<code>natgrad reproduce {e(dataset)} --budget {e(budget)}</code>: each claim decided by the criterion "
+         "beside "
          "it on the numbers measured here.</p>\n<div class=\"scroll\"><table id=\"table-claims\"><thead><tr><th>#</th>"
          "<th>claim</th><th>criterion</th><th>paper</th><th>measured here</th><th>verdict</th></tr></thead>\n<tbody>\n"
          f"{claims}</tbody></table></div>\n<ul class=\"notes\"><li>Quality bar: {e(bar)}.</li>"
          f"<li>Total stage time {total / 3600:.2f} h.</li></ul>\n</section>\n"),
-        (f"<section id=\"grid\">\n<h2>Models of the grid</h2>\n"
+        ("<section id=\"grid\">\n<h2>Models of the grid</h2>\n"
          + html_table("table-grid", *_result_columns(rows, pgd_steps)) + "</section>\n"),
     ]
 
@@ -405,7 +433,8 @@ def resolve(dataset: str, budget: str) -> tuple[Reproduction, Grid, Sizes]:
 def describe_reproduction(dataset: str, budget: str, grid: Grid, sizes: Sizes, d: Reproduction) -> str:
     """What the run will do, printed before it starts."""
     return "\n".join([
-        f"  budget   {budget}: {sizes.schedule()} per model (fine-tunes: their own epochs); expect {d.expected[budget]}",
+        f"  budget   {budget}: {sizes.schedule()} per model (fine-tunes: their own epochs); "
+        f"expect {d.expected[budget]}",
         f"  models   {', '.join(e.name for e in grid.experiments)}",
         (f"  evaluate clean and PGD-{sizes.pgd_steps} on a fixed subset of {sizes.n_eval} test images, an eps sweep "
          f"on {sizes.n_sweep}, AutoAttack standard (Square {sizes.square_queries or 5000} queries) on "

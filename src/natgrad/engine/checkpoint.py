@@ -40,18 +40,20 @@ def load_state_dict(model: nn.Module, state: dict, source: Path) -> None:
     if missing or unexpected or wrong:
         detail = (missing or unexpected or wrong)[0]
         raise UserError(f"{source} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                        f"{len(wrong)} tensors of another shape or dtype, e.g. {detail}); check model.name and the dataset")
+                        f"{len(wrong)} tensors of another shape or dtype, e.g. {detail}); check model.name and the "
+                        "dataset")
     model.load_state_dict(state)
 
 
 def rng_state() -> dict[str, Any]:
     """Every random state training draws on, in types ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
+    np_state: tuple = np.random.get_state(legacy=True)  # type: ignore[assignment]
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
 
@@ -76,7 +78,8 @@ def load_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for bad or unsafe files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a valid natgrad checkpoint ({first[:160]}); it was refused without running it") from None
+        raise UserError(f"{path} is not a valid natgrad checkpoint ({first[:160]}); it was refused without running "
+                        "it") from None
 
 
 __all__ = ["atomic_write", "atomic_write_text", "check_destination", "model_digest"]

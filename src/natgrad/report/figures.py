@@ -64,7 +64,7 @@ def _gappy(values: object, length: int) -> list[float] | None:
     if not isinstance(values, list) or len(values) != length:
         return None
     out = [math.nan if v is None else number(v) for v in values]
-    return None if any(v is None for v in out) else out
+    return [v for v in out if v is not None] if all(v is not None for v in out) else None
 
 
 # ---------------------------------------------------------------------------- training and evaluation
@@ -200,8 +200,8 @@ def along_attack(runs: list[Run]) -> bytes | None:
     """Loss, L1 gradient norm and normalized curvature along the attack direction (Figure 11)."""
     found = []
     for i, run in enumerate(runs):
-        s = run.section("along_attack")
-        t = _numbers((s or {}).get("t"))
+        s = run.section("along_attack") or {}
+        t = _numbers(s.get("t"))
         if t:
             found.append((i, run, s, t))
     if not found:

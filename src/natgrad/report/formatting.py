@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 MISSING = "\u2013"  # en dash: a value that is not there
 
@@ -15,18 +16,19 @@ ATTACK_NAMES = {
 }
 
 
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def is_number(x: object) -> TypeGuard[float]:
+    """A finite int or float (not a bool)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def pct(x: float | None) -> str:
     """An accuracy in [0, 1] as a percentage with 2 decimals (no sign): ``0.8712 -> "87.12"``."""
-    return f"{100 * x:.2f}" if _finite(x) else _other(x)
+    return f"{100 * x:.2f}" if is_number(x) else _other(x)
 
 
 def compact(x: float | None) -> str:
     """3 significant digits; scientific notation (``1.23e-5``) below 1e-3 or from 1e4 on."""
-    if not _finite(x):
+    if not is_number(x):
         return _other(x)
     if x == 0:
         return "0"
@@ -40,14 +42,14 @@ def compact(x: float | None) -> str:
 
 def mean_std(mean: float | None, std: float | None) -> str:
     """``mean ± std`` in :func:`compact` notation; just the mean when std is missing."""
-    if not _finite(mean):
+    if not is_number(mean):
         return _other(mean)
-    return f"{compact(mean)} \u00b1 {compact(std)}" if _finite(std) else compact(mean)
+    return f"{compact(mean)} \u00b1 {compact(std)}" if is_number(std) else compact(mean)
 
 
 def eps_text(eps: float | None) -> str:
     """``4/255`` where eps is a whole multiple of 1/255, else 4 significant digits."""
-    if not _finite(eps):
+    if not is_number(eps):
         return MISSING
     k = eps * 255
     if eps > 0 and abs(k - round(k)) < 1e-6:

@@ -15,9 +15,8 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from natgrad.engine.checkpoint import atomic_write_text
-from natgrad.files import check_destination
 from natgrad.errors import UserError
+from natgrad.files import atomic_write_text, check_destination
 from natgrad.report import figures, tables
 from natgrad.report.formatting import MISSING
 from natgrad.report.runs import Run, load_runs
@@ -94,7 +93,8 @@ def build_report(run_dirs: Sequence[Path | str], intro: Sequence[str] = (), mode
     colors = _colors(runs)
     footer = ("<footer>Written by <code>natgrad report</code>. Accuracies are percentages of correctly classified "
               "images; \u2013 marks a value the run folder does not hold.</footer>")
-    body = [_header(runs), *intro, _models(runs, colors), _training(runs), _evaluation(runs, colors), _analysis(runs, colors, model_figures),
+    body = [_header(runs), *intro, _models(runs, colors), _training(runs), _evaluation(runs, colors),
+            _analysis(runs, colors, model_figures),
             footer]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
@@ -102,10 +102,12 @@ def build_report(run_dirs: Sequence[Path | str], intro: Sequence[str] = (), mode
             "<body>\n<main>\n" + "\n".join(body) + "\n</main>\n</body>\n</html>\n")
 
 
-def write_report(run_dirs: Sequence[Path | str], out: Path, intro: Sequence[str] = (), model_figures: bool = True) -> Path:
+def write_report(run_dirs: Sequence[Path | str], out: Path, intro: Sequence[str] = (),
+                 model_figures: bool = True) -> Path:
     """Build the report and write it to ``out`` atomically (temp file, then rename); returns ``out``."""
     out = Path(out)
-    text = build_report(run_dirs, intro, model_figures).encode("ascii", "xmlcharrefreplace").decode("ascii")  # any locale can write it
+    # ASCII with character references: any locale can write it
+    text = build_report(run_dirs, intro, model_figures).encode("ascii", "xmlcharrefreplace").decode("ascii")
     check_destination(out, "html", "--out")  # never replaces weights or other files
     try:
         atomic_write_text(out, text)
@@ -286,8 +288,8 @@ def _best(table: Table) -> list[set[int]]:
     """Per column, the rows holding its best value (none where fewer than two values differ)."""
     best: list[set[int]] = []
     for j, col in enumerate(table.columns):
-        values = [(i, cells[j].value) for i, (_, cells) in enumerate(table.rows)
-                  if cells[j].value is not None and math.isfinite(cells[j].value)]
+        values = [(i, v) for i, (_, cells) in enumerate(table.rows)
+                  if (v := cells[j].value) is not None and math.isfinite(v)]
         if col.better not in ("high", "low") or len({v for _, v in values}) < 2:
             best.append(set())
             continue

@@ -7,7 +7,6 @@ unreadable is recorded in :attr:`Run.problems` instead of stopping the report.
 from __future__ import annotations
 
 import json
-import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from natgrad.config import read_yaml_mapping
 from natgrad.digest import file_digest
 from natgrad.errors import UserError
+from natgrad.report.formatting import is_number
 
 ANALYSIS_FILE = Path("analysis") / "analysis.json"
 EVAL_FILE = Path("eval.json")
@@ -52,7 +52,7 @@ class Run:
     def eps(self) -> float | None:
         """The eps the model was trained for."""
         for source in (self.config, self.summary):
-            if _number(source.get("eps")):
+            if is_number(source.get("eps")):
                 return float(source["eps"])
         return None
 
@@ -60,19 +60,19 @@ class Run:
     def analysis_eps(self) -> float | None:
         """The eps the analysis attacked with (``natgrad analyze --eps``), else the training eps."""
         eps = mapping(self.analysis).get("eps")
-        return float(eps) if _number(eps) else self.eps
+        return float(eps) if is_number(eps) else self.eps
 
     @property
     def epochs_done(self) -> int | None:
         if self.metrics:
             return max(m["epoch"] for m in self.metrics)
         done = self.summary.get("epochs_done")
-        return int(done) if _number(done) else None
+        return int(done) if is_number(done) else None
 
     @property
     def epochs(self) -> int | None:
         for value in (self.config.get("epochs"), self.summary.get("epochs")):
-            if _number(value):
+            if is_number(value):
                 return int(value)
         return None
 
@@ -204,10 +204,6 @@ def _text(x: Any) -> str | None:
     return str(x) if isinstance(x, (str, int, float)) and not isinstance(x, bool) and str(x) else None
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def number(x: Any) -> float | None:
     """``x`` as a float when it is a finite number, else None."""
-    return float(x) if _number(x) else None
+    return float(x) if is_number(x) else None
