@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 import torch
-from conftest import run_cli
 
+from conftest import run_cli
 from natgrad.build import build_model
 from natgrad.engine import bench
 
@@ -76,7 +76,7 @@ def test_flops_are_counted_against_the_formula():
 def test_no_ratio_without_pgd_and_the_table(capsys):
     out = bench.run_bench(bench.BenchSettings(methods=["natural"], batch=2, steps=1, warmup=0, progress=False))
     assert list(out["methods"]) == ["natural"] and out["methods"]["natural"]["relative_to_pgd"] is None
-    table = bench.format_table(out)
+    table = bench.format_bench(out)
     assert "natural" in table and "1F+1B" in table
 
 
@@ -87,12 +87,14 @@ def test_every_method_really_trains():
     initial = [p.detach().clone() for p in model.parameters()]
     x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
     for method, step in bench.build_steps(cfg, bench.METHODS, model, torch.device("cpu")).items():
-        assert all(torch.equal(a, p) for a, p in zip(initial, step.model.parameters())), f"{method}: not a fresh copy"
+        fresh = all(torch.equal(a, p) for a, p in zip(initial, step.model.parameters(), strict=True))
+        assert fresh, f"{method}: not a fresh copy"
         step(x, y)
-        changed = [not torch.equal(a, p) for a, p in zip(initial, step.model.parameters())]
+        changed = [not torch.equal(a, p) for a, p in zip(initial, step.model.parameters(), strict=True)]
         assert all(changed), f"{method}: a step left parameters unchanged"
         assert all(p.grad is None for p in step.model.parameters()), f"{method}: gradients left after the step"
-    assert all(torch.equal(a, p) for a, p in zip(initial, model.parameters())), "the shared initial model changed"
+    unchanged = all(torch.equal(a, p) for a, p in zip(initial, model.parameters(), strict=True))
+    assert unchanged, "the shared initial model changed"
 
 
 def test_steps_run_past_every_warmup():

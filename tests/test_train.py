@@ -2,16 +2,16 @@
 
 import json
 import os
-import stat
 import signal
+import stat
 
 import pytest
 import torch
-from conftest import TINY, assert_same_weights, run_cli, weights
 
+from conftest import TINY, assert_same_weights, run_cli, weights
 from natgrad import config, data, objectives
-from natgrad.engine.checkpoint import atomic_write_text, load_weights, save_weights
 from natgrad.build import build_model
+from natgrad.engine.checkpoint import atomic_write_text, load_weights, save_weights
 from natgrad.objectives.natural import Natural
 from natgrad.objectives.pgd import PGDTraining
 
@@ -61,7 +61,10 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path, extra):
                             weights(tmp_path / "half", "model_ema.safetensors"))
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     half = (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda line: {k: v for k, v in json.loads(line).items() if "seconds" not in k and k not in ("elapsed", "images_per_s")}
+    def strip(line):
+        timing = ("elapsed", "images_per_s")
+        return {k: v for k, v in json.loads(line).items() if "seconds" not in k and k not in timing}
+
     assert [strip(a) for a in full] == [strip(b) for b in half]
 
 
@@ -90,15 +93,16 @@ def test_init_starts_from_saved_weights_and_refuses_a_mismatch(tmp_path, capsys)
     # a run folder or its safetensors file; with a vanishing learning rate the weights stay the initial ones
     for i, init in enumerate([first, first / "model.safetensors"]):
         out = tmp_path / f"tuned{i}"
-        assert run_cli(["train", "fmnist-natural", *TINY, *frozen, f"init={init}", "--out", str(out), "--quiet"])[0] == 0
+        args = ["train", "fmnist-natural", *TINY, *frozen, f"init={init}", "--out", str(out), "--quiet"]
+        assert run_cli(args)[0] == 0
         assert_same_weights(weights(out), weights(first), atol=1e-7)
         assert_same_weights(weights(out, "model_ema.safetensors"), weights(first), atol=1e-7)
     scratch = tmp_path / "scratch"
     assert run_cli(["train", "fmnist-natural", *TINY, *frozen, "seed=1", "--out", str(scratch), "--quiet"])[0] == 0
     assert not torch.allclose(weights(scratch)["net.9.weight"], weights(first)["net.9.weight"])
     bad = tmp_path / "bad"
-    code, err = run_cli(["train", "fmnist-natural", *TINY, "model.name=preact-resnet18", f"init={first}", "--out", str(bad)],
-                        capsys)
+    code, err = run_cli(["train", "fmnist-natural", *TINY, "model.name=preact-resnet18", f"init={first}",
+                         "--out", str(bad)], capsys)
     assert code == 2 and "does not fit this model" in err and len(err.strip().splitlines()) == 1
     assert not bad.exists()
 

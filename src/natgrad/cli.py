@@ -236,7 +236,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         channels=args.channels, batch=args.batch, methods=bench.parse_methods(args.methods), device=args.device,
         steps=args.steps, warmup=args.warmup, progress=not args.quiet)
     result = bench.run_bench(settings)
-    print(bench.format_table(result))
+    print(bench.format_bench(result))
     if args.json:
         ckpt.atomic_write_text(Path(args.json), json.dumps(result, indent=2))
         print(f"natgrad: results in {args.json}")

@@ -491,10 +491,6 @@ class EpochBatches:
             yield self.perm[lo : lo + per].tolist()
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return n // batch_size
-
-
 def train_loader(ds: Dataset, cfg: RunConfig, epoch: int, rank: int = 0, world: int = 1, start: int = 0) -> DataLoader:
     """This process's batches of one epoch, skipping the first ``start`` (for resuming mid-epoch)."""
     batches = EpochBatches(len(ds), cfg.batch_size, cfg.seed, epoch, rank, world, start)

@@ -263,7 +263,7 @@ def bench_stage(out: Path, grid: Grid, s: Sizes, progress: bool) -> None:
                                    warmup=s.bench_warmup, progress=progress)
     result = bench.run_bench(settings)
     if progress:
-        print(bench.format_table(result), flush=True)
+        print(bench.format_bench(result), flush=True)
     ckpt.atomic_write_text(out / BENCH_FILE, json.dumps(result, indent=2))
 
 

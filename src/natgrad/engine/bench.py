@@ -4,32 +4,10 @@ Every method trains its own copy of the same initial model on the same random ba
 objective and optimizer that ``natgrad train`` builds from the recipe. Methods run interleaved,
 round-robin with a rotating order, so that drift in the machine's speed hits all of them alike.
 
-Per method, before any timed step:
-
-1. one step with counters on the model (:func:`count_passes`): every call of the model is a
-   forward pass; every backward traversal that reaches its logits is a backward pass, however
-   many gradients it computes at once. GradNorm (and edge) take the input gradient with
-   ``create_graph``, then ``loss.backward()`` runs back through the forward graph and through the
-   graph of that first backward in one traversal: that is one backward, so a GradNorm step counts
-   1 forward + 2 backward. A backward that also runs through the graph of an earlier backward (the
-   costly part of double backprop, roughly a forward and a backward more of work) is counted
-   once more in ``double_backward`` (1 for GradNorm and edge, 0 for the others). The same step
-   counts floating-point operations of the matrix products and convolutions (forward, backward
-   and double backward kernels alike) with ``torch.utils.flop_counter``: the work that a faster
-   implementation cannot avoid, against which the measured time ratio can be read.
-2. one step whose peak memory is measured: the peak increase over the memory held just before
-   the step (weights, optimizer state and batch, of every method, are resident and excluded).
-   On CUDA it is the allocator's peak (``torch.cuda.max_memory_allocated``). On CPU it is the
-   peak resident set size, sampled from ``/proc/self/statm`` every 0.5 ms by a thread running
-   only during this untimed step, after ``malloc_trim`` has returned freed heap memory to the
-   system (glibc), so that memory freed by other methods' steps cannot hide this step's. None
-   where ``/proc`` is missing. Steps much shorter than the sampling interval may read low.
-
-Then warm-up rounds and timed rounds. A step is the objective, ``loss.backward()``, gradient
-clipping when the recipe asks for it, the optimizer step and ``zero_grad`` (bf16 autocast on CUDA
-as in training when ``amp``). The learning-rate schedule and EMA cost every method the same and
-are left out. The step is taken with ``epoch_fraction`` past every warm-up of the recipe, so that
-regularizers run at full weight (``gradnorm-fd`` skips its second pass at weight 0).
+Per method, before any timed step, one step counts the passes through the model
+(:func:`count_passes`) and the floating-point operations (:class:`CountFlops`), and one more
+measures the peak memory (:func:`peak_memory`); then warm-up rounds and timed rounds of a full
+optimizer step (:class:`MethodStep`). How each number is counted: docs/RESULTS.md, issues 6 and 16.
 """
 
 from __future__ import annotations
@@ -48,17 +26,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2
 from timm.utils import dispatch_clip_grad
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
-from tqdm.auto import tqdm
 
 from natgrad import config, data, objectives
-from natgrad.build import build_model, objective_params
+from natgrad.build import build_model, build_objective, build_optimizer, select_device
 from natgrad.config import RunConfig
 from natgrad.errors import UserError, did_you_mean
+from natgrad.progress import Progress
 
 METHODS = config.METHODS
 RSS_INTERVAL_S = 0.0005
@@ -200,14 +177,15 @@ def _malloc_trim() -> None:
 
 
 def peak_memory(run: Callable[[], None], device: torch.device) -> int | None:
-    """Bytes by which memory rose above its level before ``run()`` at its peak (see the module docstring)."""
+    """Bytes by which memory rose above its level before ``run()`` at its peak: the CUDA allocator's peak, or on
+    CPU the resident set size sampled every :data:`RSS_INTERVAL_S` (None where ``/proc`` is missing)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
+        allocated = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         run()
         torch.cuda.synchronize(device)
-        return max(torch.cuda.max_memory_allocated(device) - before, 0)
+        return max(torch.cuda.max_memory_allocated(device) - allocated, 0)
     _malloc_trim()
     before = _rss_bytes()
     if before is None:
@@ -283,30 +261,19 @@ def steady_epoch_fraction(cfg: RunConfig) -> float:
     return float(max(cfg.gradnorm.warmup_epochs, cfg.attack.warmup_epochs, 0.0))
 
 
-def build_steps(cfg: RunConfig, methods: Sequence[str], model: nn.Module, device: torch.device) -> dict[str, MethodStep]:
+def build_steps(cfg: RunConfig, methods: Sequence[str], model: nn.Module,
+                device: torch.device) -> dict[str, MethodStep]:
     """For each method a fresh copy of ``model`` with its optimizer and training objective, as training builds them."""
     steps = {}
     for method in methods:
         m = copy.deepcopy(model).to(device).train()
-        o = cfg.optim
-        optimizer = create_optimizer_v2(m, opt=o.name, lr=cfg.lr, weight_decay=o.weight_decay, eps=o.opt_eps,
-                                        momentum=o.momentum)
-        mcfg = dataclasses.replace(cfg, method=method)
-        objective = objectives.create(method, m, **objective_params(mcfg))
-        steps[method] = MethodStep(method, m, optimizer, objective, steady_epoch_fraction(cfg),
-                                   amp=device.type == "cuda" and cfg.amp, clip_grad=o.clip_grad)
+        objective = build_objective(dataclasses.replace(cfg, method=method), m)
+        steps[method] = MethodStep(method, m, build_optimizer(cfg, m), objective, steady_epoch_fraction(cfg),
+                                   amp=device.type == "cuda" and cfg.amp, clip_grad=cfg.optim.clip_grad)
     return steps
 
 
 # ---------------------------------------------------------------------------- the benchmark
-
-
-def _device(name: str) -> torch.device:
-    if name not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {name!r} is not one of auto, cpu, cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def _timed(step: MethodStep, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -342,11 +309,12 @@ def _check_input(model: nn.Module, x: torch.Tensor, name: str) -> None:
 
 
 def run_bench(settings: BenchSettings) -> dict:
-    """Measure every method of ``settings``; returns the JSON-ready result (see the module docstring)."""
+    """Measure every method of ``settings``; returns the JSON-ready result (``methods``: per method, its
+    ``seconds_per_step``, ``passes``, ``peak_memory_bytes``, ``relative_to_pgd`` and ``flops``)."""
     _check(settings)
     methods = parse_methods(settings.methods)
     cfg = bench_config(settings)
-    device = _device(settings.device)
+    device = select_device(settings.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as training does
     di = data.info(cfg.data)
@@ -370,7 +338,7 @@ def run_bench(settings: BenchSettings) -> dict:
 
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     rounds = settings.warmup + settings.steps
-    for r in tqdm(range(rounds), desc="bench", disable=not settings.progress, dynamic_ncols=True):
+    for r in Progress(range(rounds), desc="bench", disable=not settings.progress, dynamic_ncols=True):
         k = r % len(methods)
         for name in methods[k:] + methods[:k]:
             t = _timed(steps[name], x, y)
@@ -380,8 +348,9 @@ def run_bench(settings: BenchSettings) -> dict:
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     pgd = medians.get("pgd")
     return {
-        "model": cfg.model.name, "act": cfg.model.act, "input_size": size, "channels": channels, "batch": settings.batch,
-        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": settings.steps,
+        "model": cfg.model.name, "act": cfg.model.act, "input_size": size, "channels": channels,
+        "batch": settings.batch, "device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "steps": settings.steps,
         "warmup": settings.warmup, "recipe": settings.recipe, "eps": cfg.eps, "pgd_steps": cfg.attack.steps,
         "amp": device.type == "cuda" and cfg.amp,
         "methods": {name: {
@@ -392,14 +361,15 @@ def run_bench(settings: BenchSettings) -> dict:
     }
 
 
-def format_table(result: dict) -> str:
+def format_bench(result: dict) -> str:
     """The result as a terminal table: method, s/step, ratio to PGD-k, passes, conv/matmul work, peak memory."""
     pgd_label = f"PGD-{result['pgd_steps']}"
     header = ("method", "s/step", f"vs {pgd_label}", "passes", "GFLOP", f"vs {pgd_label}", "peak MB")
     rows = [header]
     for name, m in result["methods"].items():
         p = m["passes"]
-        passes = f"{p['forward']}F+{p['backward']}B" + (f" ({p['double_backward']} double)" if p["double_backward"] else "")
+        double = f" ({p['double_backward']} double)" if p["double_backward"] else ""
+        passes = f"{p['forward']}F+{p['backward']}B{double}"
         rows.append((
             f"{name} ({pgd_label})" if name == "pgd" else name,
             f"{m['seconds_per_step']:.4f}",
@@ -410,12 +380,13 @@ def format_table(result: dict) -> str:
             "-" if m["peak_memory_bytes"] is None else f"{m['peak_memory_bytes'] / 2**20:.1f}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = ["  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     title = (f"{result['model']} ({result['act'] or 'own activation'}), {result['channels']}x{result['input_size']}x"
              f"{result['input_size']}, batch {result['batch']}, {result['device']}, {result['threads']} threads, "
              f"median of {result['steps']} steps")
     return "\n".join([title, *lines])
 
 
-__all__ = ["BenchSettings", "CountFlops", "MethodStep", "PassCounts", "build_steps", "count_passes", "format_table",
+__all__ = ["BenchSettings", "CountFlops", "MethodStep", "PassCounts", "build_steps", "count_passes", "format_bench",
            "peak_memory", "run_bench"]

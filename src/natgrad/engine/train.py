@@ -18,32 +18,31 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable, Sized
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
-from tqdm.auto import tqdm
+from torch import nn
+from torch.utils.data import Dataset
 
 from natgrad import config as config_mod
-from natgrad import data, objectives
-from natgrad.build import build_model, objective_params, seed_everything
+from natgrad import data
+from natgrad.build import build_model, build_objective, build_optimizer, build_scheduler, seed_everything
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup, sum_over_processes
 from natgrad.engine.evaluate import evaluate
 from natgrad.errors import NonFiniteLossError, Preempted, UserError
+from natgrad.objectives import Objective
+from natgrad.progress import Progress
 from natgrad.rundir import (
     CHECKPOINT,
-    CONFIG,
-    EMA_WEIGHTS,
-    METRICS,
-    SUMMARY,
-    WEIGHTS,
     RunDir,
     RunLock,
     is_empty,
@@ -56,13 +55,12 @@ from natgrad.signals import StopSignals
 
 MIN_FREE_BYTES = 64 * 2**20
 
-
 def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
     """Refuse to overwrite a run or resume an incompatible one, before any work starts."""
     if out.is_dir():
         RunLock(out).refuse_if_held()
     if resume:
-        if not (out / CONFIG).is_file():
+        if not RunDir(out).config.is_file():
             raise UserError(f"--resume: {out} holds no natgrad run (no config.yaml); train without --resume first")
         refuse_symlinks(out)
         saved = RunDir(out).read_config()
@@ -76,7 +74,7 @@ def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
     if out.is_symlink():
         raise UserError(f"--out {out} is a symbolic link; give the real folder")
     parent = next(p for p in [out, *out.parents] if p.exists())
-    if not parent.is_dir() or not _writable(parent):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {parent}; choose an --out in a writable folder")
     if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
         raise UserError(f"{parent} has under {MIN_FREE_BYTES >> 20} MB free; free space or choose another --out")
@@ -89,11 +87,7 @@ def _check_init(cfg: RunConfig) -> None:
                         "give the weights to start from")
 
 
-def _writable(folder: Path) -> bool:
-    return os.access(folder, os.W_OK | os.X_OK)
-
-
-def _autocast(ctx: Context, cfg: RunConfig):
+def _autocast(ctx: Context, cfg: RunConfig) -> contextlib.AbstractContextManager:
     if ctx.device.type == "cuda" and cfg.amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
@@ -117,6 +111,7 @@ class _RunFolder:
 
     def __init__(self, out: Path):
         self.out = out
+        self.run = RunDir(out)
         self.created = False
         self.wrote = False
         self.lock: Any = None
@@ -130,7 +125,8 @@ class _RunFolder:
         self.lock = locked(self.out)
         self.lock.__enter__()
         if fresh and not is_empty(self.out):
-            raise UserError(f"{self.out} already holds files; pass --resume to continue that run, or choose another --out")
+            raise UserError(f"{self.out} already holds files; pass --resume to continue that run, "
+                            "or choose another --out")
         refuse_symlinks(self.out)
         remove_leftovers(self.out)  # temporary files of writes a kill interrupted
 
@@ -138,12 +134,13 @@ class _RunFolder:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        run = self.run
         try:
-            if exc_type is not None and self.wrote and not (self.out / CHECKPOINT).is_file():
-                for name in (CONFIG, METRICS, WEIGHTS, EMA_WEIGHTS, SUMMARY):
-                    (self.out / name).unlink(missing_ok=True)
+            if exc_type is not None and self.wrote and not run.checkpoint.is_file():
+                for path in (run.config, run.metrics, run.weights, run.ema_weights, run.summary):
+                    path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
-                    (self.out / CHECKPOINT.parent).rmdir()
+                    run.checkpoint.parent.rmdir()
         finally:
             if self.lock is not None:
                 self.lock.__exit__(None, None, None)
@@ -152,7 +149,80 @@ class _RunFolder:
                     self.out.rmdir()  # only when nothing is left in it
 
 
+@dataclass
+class _Run:
+    """One training run while this process trains it: what it is built of, and the state the loop changes
+    (step, training seconds, the open epoch's sums), which the checkpoint saves and ``--resume`` restores."""
+
+    cfg: RunConfig
+    ctx: Context
+    rundir: RunDir
+    progress: bool
+    signals: StopSignals
+    train_ds: Dataset
+    eval_ds: Dataset
+    steps_per_epoch: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler | None
+    ema: ModelEmaV3 | None
+    objective: Objective
+    mixup: Callable | None
+    step: int = 0
+    elapsed: float = 0.0
+    sums: dict[str, Any] = field(default_factory=dict)
+    epoch_open: bool = False  # the checkpoint's last epoch is trained but not yet evaluated and written
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    @property
+    def talks(self) -> bool:
+        """Whether this process prints progress: the main process, unless quiet."""
+        return self.ctx.is_main and self.progress
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def save_checkpoint(self, open_sums: dict | None = None) -> None:
+        """The state at the current step; ``open_sums``: the epoch's training is done, its end is not."""
+        if self.ctx.is_main:
+            ckpt.save_state(self.rundir.checkpoint, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "step": self.step, "elapsed": self.elapsed,
+                "epoch_sums": self.sums if open_sums is None else open_sums,
+                "epoch_open": open_sums is not None, "rng": ckpt.rng_state(),
+            })
+
+
 def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: StopSignals, folder: _RunFolder) -> dict:
+    cfg, ctx = _checked_setup(cfg, out, resume, progress)
+    run = _build_run(cfg, ctx, out, resume, progress, signals)
+    finished = _open_run(run, folder, resume)
+    if finished is not None:
+        return finished
+    if run.talks:
+        print(f"natgrad: {cfg.method} on {cfg.data.name} ({len(cast(Sized, run.train_ds))} train / "
+              f"{len(cast(Sized, run.eval_ds))} eval images), {cfg.model.name}, {cfg.epochs} epochs of "
+              f"{run.steps_per_epoch} steps, eps={cfg.eps:.4g}, device={ctx.device}"
+              + (f", {ctx.world} processes" if ctx.world > 1 else ""), flush=True)
+    first = run.step // run.steps_per_epoch - run.epoch_open
+    for epochs_this_run, epoch in enumerate(range(first, cfg.epochs), start=1):
+        start, train_seconds, unreadable_before = _train_epoch(run, epoch)
+        _finish_epoch(run, epoch, start, train_seconds, unreadable_before)
+        if _stop_after_epoch(run, epoch, epochs_this_run):
+            break
+    barrier(ctx.world)
+    return _write_summary(run)
+
+
+def _checked_setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> tuple[RunConfig, Context]:
+    """The checked config (data workers capped to the machine) and the processes' context; refuses bad
+    input on every process before any work, and before rank 0 writes into ``out``."""
     config_mod.validate(cfg)
     _check_init(cfg)
     if cfg.data.num_workers > config_mod.usable_cpus() and progress and int(os.environ.get("RANK", "0")) == 0:
@@ -164,217 +234,268 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, signals: Sto
         # Well-fitted models have tiny input gradients; their denormal floats slow CPU arithmetic many-fold.
         torch.set_flush_denormal(True)
     if cfg.batch_size % ctx.world:
-        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {ctx.world} processes; use a multiple of {ctx.world}")
+        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {ctx.world} processes; "
+                        f"use a multiple of {ctx.world}")
     if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and (cfg.batch_size // ctx.world) % 2:
-        raise UserError(f"mixup/cutmix need an even batch per process (got {cfg.batch_size // ctx.world}); change batch_size")
+        raise UserError(f"mixup/cutmix need an even batch per process (got {cfg.batch_size // ctx.world}); "
+                        "change batch_size")
     _check_out_dir(out, resume, cfg)  # on every process, so that all stop together on bad input
     barrier(ctx.world)  # before rank 0 starts writing into ``out``
+    return cfg, ctx
 
+
+def _build_run(cfg: RunConfig, ctx: Context, out: Path, resume: bool, progress: bool, signals: StopSignals) -> _Run:
+    """Data, model (fine-tuning: with the ``init`` weights unless resuming), optimizer, schedule, EMA,
+    objective and mixup, in the order that draws the seeded random numbers as every run does."""
     train_ds = data.build(cfg, "train")
     eval_ds = data.build(cfg, "test")
     di = data.info(cfg.data)
-    steps_per_epoch = data.steps_per_epoch(len(train_ds), cfg.batch_size)
+    n_train = len(cast(Sized, train_ds))
+    steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"the training set has {len(train_ds)} images, fewer than batch_size={cfg.batch_size}; lower batch_size")
-    total_steps = cfg.epochs * steps_per_epoch
-
+        raise UserError(f"the training set has {n_train} images, fewer than batch_size={cfg.batch_size}; "
+                        "lower batch_size")
     seed_everything(cfg.seed)
     model = build_model(cfg).to(ctx.device)
     if cfg.init and not resume:  # fine-tuning; checked before the run folder is created
         ckpt.load_weights(model, weights_file(cfg.init))
-    optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=cfg.lr, weight_decay=cfg.optim.weight_decay,
-                                    eps=cfg.optim.opt_eps, momentum=cfg.optim.momentum)
-    scheduler = None
-    if cfg.optim.sched == "cosine":
-        scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.optim.min_lr,
-                                      warmup_t=round(cfg.optim.warmup_epochs * steps_per_epoch),
-                                      warmup_lr_init=cfg.optim.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
-    objective = objectives.create(cfg.method, model, **objective_params(cfg))
+    objective = build_objective(cfg, model)
     mixup = data.create_mixup(cfg, di.num_classes)
+    return _Run(cfg, ctx, RunDir(out), progress, signals, train_ds, eval_ds, steps_per_epoch, model, optimizer,
+                scheduler, ema, objective, mixup)
 
-    step, elapsed, sums = 0, 0.0, {}
-    last_metrics: dict[str, Any] = {}
-    if resume and not (out / CHECKPOINT).is_file():  # stopped before its first checkpoint: nothing to continue
-        if ctx.is_main and progress:
-            print(f"natgrad: {out} has no checkpoint yet; training from the beginning", flush=True)
+
+def _open_run(run: _Run, folder: _RunFolder, resume: bool) -> dict | None:
+    """Lock the folder and restore the checkpoint (resuming) or write ``config.yaml`` (a fresh run);
+    returns the saved summary when a resumed run has nothing left to do, else None."""
+    rundir, ctx = run.rundir, run.ctx
+    if resume and not rundir.checkpoint.is_file():  # stopped before its first checkpoint: nothing to continue
+        if run.talks:
+            print(f"natgrad: {rundir.path} has no checkpoint yet; training from the beginning", flush=True)
         resume = False
     folder.open(ctx.is_main, fresh=not resume)
-    epoch_open = False  # the checkpoint's last epoch is trained but not yet evaluated and written
     if resume:
-        state = ckpt.load_state(out / CHECKPOINT)
-        try:
-            ckpt.load_state_dict(model, state["model"], out / CHECKPOINT)
-            optimizer.load_state_dict(state["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            step, elapsed, sums = int(state["step"]), float(state["elapsed"]), dict(state["epoch_sums"])
-            epoch_open = bool(state.get("epoch_open", False))
-            ckpt.set_rng_state(state["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-            raise UserError(f"{out / CHECKPOINT} does not fit this run ({type(e).__name__}: {str(e)[:120]}); it was "
-                            "written by another version or optimizer: train into a new --out") from None
-        if not 0 <= step <= total_steps:
-            raise UserError(f"{out / CHECKPOINT} is at step {step}, outside this run's 0..{total_steps}; "
-                            "train into a new --out")
-        last_metrics = _metrics_up_to(out, step // steps_per_epoch - epoch_open, ctx.is_main)
-        if step >= total_steps and not epoch_open and (out / SUMMARY).is_file():
-            if ctx.is_main and progress:
-                print(f"natgrad: {out} already finished all {cfg.epochs} epochs; nothing to do", flush=True)
-            return json.loads((out / SUMMARY).read_text())
+        _restore(run)
+        run.last_metrics = _metrics_up_to(rundir, run.step // run.steps_per_epoch - run.epoch_open, ctx.is_main)
+        if run.step >= run.total_steps and not run.epoch_open and rundir.summary.is_file():
+            if run.talks:
+                print(f"natgrad: {rundir.path} already finished all {run.cfg.epochs} epochs; nothing to do", flush=True)
+            return json.loads(rundir.summary.read_text())
     elif ctx.is_main:
-        (out / METRICS).unlink(missing_ok=True)  # of a run killed before its first checkpoint
+        rundir.metrics.unlink(missing_ok=True)  # of a run killed before its first checkpoint
         folder.wrote = True
-        ckpt.atomic_write_text(out / CONFIG, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        ckpt.atomic_write_text(rundir.config, yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
+    return None
 
-    def save_checkpoint(open_sums: dict | None = None) -> None:
-        """The state at the current step; ``open_sums``: the epoch's training is done, its end is not."""
-        if ctx.is_main:
-            ckpt.save_state(out / CHECKPOINT, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "step": step, "elapsed": elapsed, "epoch_sums": sums if open_sums is None else open_sums,
-                "epoch_open": open_sums is not None, "rng": ckpt.rng_state(),
-            })
 
-    eval_model = ema.module if ema is not None else model
-    epochs_this_run = 0
-    if ctx.is_main and progress:
-        print(f"natgrad: {cfg.method} on {cfg.data.name} ({len(train_ds)} train / {len(eval_ds)} eval images), "
-              f"{cfg.model.name}, {cfg.epochs} epochs of {steps_per_epoch} steps, eps={cfg.eps:.4g}, device={ctx.device}"
-              + (f", {ctx.world} processes" if ctx.world > 1 else ""), flush=True)
-    for epoch in range(step // steps_per_epoch - epoch_open, cfg.epochs):
-        model.train()
-        start = step - epoch * steps_per_epoch
-        loader = data.train_loader(train_ds, cfg, epoch, ctx.rank, ctx.world, start=start)
-        bar = tqdm(loader, total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (progress and ctx.is_main), dynamic_ncols=True)
-        t0 = time.perf_counter()
-        unreadable_before = data.unreadable_count(train_ds)
-        for x, y in bar:
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            if scheduler is not None:
-                scheduler.step_update(step)
-            with _autocast(ctx, cfg):
-                result = objective(x, y, epoch_fraction=step / steps_per_epoch)
-            loss = result["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            fault = None if _finite(loss.detach(), ctx) else "loss"
-            if fault is None:
-                loss.backward()
-                all_reduce_gradients(model, ctx.world)
-                # the gradient norm, clipped where the recipe asks (max_norm inf leaves the gradients as they are)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
-                fault = None if _finite(grad_norm, ctx) else "gradient"
-            if fault is not None:
-                parts = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
-                where = f"non-finite {fault} at step {step} (epoch {epoch + 1}): loss={loss.item()}, {parts}"
-                if cfg.on_nonfinite == "stop":
-                    raise NonFiniteLossError(f"{where}; {_kept(out)}; lower lr or the regularization weight, or set "
-                                             "on_nonfinite=skip")
-                optimizer.zero_grad(set_to_none=True)  # skipped: the parameters and EMA stay as they were
-                sums["skipped_steps"] = sums.get("skipped_steps", 0) + 1
-                if ctx.is_main and progress:
-                    tqdm.write(f"natgrad: skipped the step ({where})")
-                step += 1
-            else:
-                optimizer.step()
-                step += 1
-                if ema is not None:
-                    ema.update(model, step=step)
-                for k, v in result.items():
-                    if isinstance(v, float):
-                        sums[k] = sums.get(k, 0.0) + v
-                sums["loss"] = sums.get("loss", 0.0) + loss.item()
-                sums["steps"] = sums.get("steps", 0) + 1
-            dt = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{sums['loss'] / sums['steps']:.4f}",
-                            img_s=f"{(step - epoch * steps_per_epoch - start) * cfg.batch_size / max(dt, 1e-9):.0f}")
-            unreadable = data.unreadable_count(train_ds) - unreadable_before
-            if unreadable > cfg.data.max_unreadable:
-                raise UserError(f"{unreadable} unreadable images skipped in epoch {epoch + 1}, more than "
-                                f"data.max_unreadable={cfg.data.max_unreadable}; check the files under {cfg.data.root} "
-                                f"or raise the limit ({_kept(out)})")
-            stop = _received(signals, ctx)
-            if stop is not None and step % steps_per_epoch:  # at an epoch's end the epoch is finished first
-                signals.act()
-                elapsed += time.perf_counter() - t0
-                save_checkpoint()
-                bar.close()
-                raise Preempted(f"stopped by {signal.Signals(stop).name} at step {step} (epoch {epoch + 1}); the "
-                                f"checkpoint is saved in {out / CHECKPOINT}: run the same command with --resume to "
-                                "continue", stop)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
-                elapsed += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save_checkpoint()
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        elapsed += train_seconds
-        open_sums = dict(sums)
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step}
-        n_steps = max(sums.pop("steps", 1), 1)
-        metrics["train_loss"] = sums.pop("loss", math.nan) / n_steps
-        if data.unreadable_count(train_ds) > unreadable_before:
-            metrics["unreadable_images"] = data.unreadable_count(train_ds) - unreadable_before
-        if "skipped_steps" in sums:
-            metrics["skipped_steps"] = sums.pop("skipped_steps")
-        metrics.update({f"train_{k}": v / n_steps for k, v in sums.items()})
-        sums = {}
-        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
-            t1 = time.perf_counter()
-            try:  # a signal during the evaluation stops it at once; a signal before it lets it finish first
-                with signals.raise_now() if signals.signum is None else nullcontext():
-                    result = evaluate(eval_model, eval_ds, cfg.eps, cfg.eval.pgd_steps, cfg.eval.batch_size, ctx,
-                                      seed=cfg.seed, progress=progress)
-            except Preempted as stopped:
-                save_checkpoint(open_sums)
-                raise Preempted(f"stopped by {signal.Signals(stopped.exit_code - 128).name} while evaluating epoch "
-                                f"{epoch + 1}; the checkpoint is saved in {out / CHECKPOINT}: run the same command "
-                                "with --resume to evaluate it and continue", stopped.exit_code - 128) from None
-            metrics.update({"clean_acc": result["clean_acc"], "pgd_acc": result["pgd_acc"], "pgd_steps": result["pgd_steps"],
-                            "eval_n": result["n"], "eval_seconds": time.perf_counter() - t1})
-        metrics.update({"lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds, "elapsed": elapsed})
-        if start < steps_per_epoch:  # not an epoch whose training a previous run finished
-            metrics["images_per_s"] = (steps_per_epoch - start) * cfg.batch_size / max(train_seconds, 1e-9)
-        last_metrics = metrics
-        if ctx.is_main:
-            # Weights and metrics before the checkpoint: a kill in between repeats the epoch (its metrics line
-            # is dropped on resume) and ends with the same files.
-            ckpt.save_weights(model, out / WEIGHTS)
-            if ema is not None:
-                ckpt.save_weights(ema.module, out / EMA_WEIGHTS)
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            save_checkpoint()
-            if progress:
-                print(_epoch_line(metrics, cfg.epochs), flush=True)
-        epochs_this_run += 1
-        stop = _received(signals, ctx)
-        if stop is not None and epoch + 1 < cfg.epochs:  # after the last one the run completes, then stops
-            signals.act()
-            raise Preempted(f"stopped by {signal.Signals(stop).name} after epoch {epoch + 1}; the checkpoint is saved "
-                            f"in {out / CHECKPOINT}: run the same command with --resume to continue", stop)
-        if cfg.stop_after is not None and epochs_this_run >= cfg.stop_after and epoch + 1 < cfg.epochs:
-            if ctx.is_main and progress:
-                print(f"natgrad: stopped after {epochs_this_run} epoch(s) as asked; continue with --resume", flush=True)
-            break
-    barrier(ctx.world)
+def _restore(run: _Run) -> None:
+    """The model, optimizer, EMA, loop state and random generators of the checkpoint."""
+    path = run.rundir.checkpoint
+    state = ckpt.load_state(path)
+    try:
+        ckpt.load_state_dict(run.model, state["model"], path)
+        run.optimizer.load_state_dict(state["optimizer"])
+        if run.ema is not None:
+            run.ema.load_state_dict(state["ema"])
+        run.step, run.elapsed, run.sums = int(state["step"]), float(state["elapsed"]), dict(state["epoch_sums"])
+        run.epoch_open = bool(state.get("epoch_open", False))
+        ckpt.set_rng_state(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        raise UserError(f"{path} does not fit this run ({type(e).__name__}: {str(e)[:120]}); it was "
+                        "written by another version or optimizer: train into a new --out") from None
+    if not 0 <= run.step <= run.total_steps:
+        raise UserError(f"{path} is at step {run.step}, outside this run's 0..{run.total_steps}; "
+                        "train into a new --out")
+
+
+def _train_epoch(run: _Run, epoch: int) -> tuple[int, float, int]:
+    """Train the rest of ``epoch``. Returns the step within the epoch it started from, the training seconds
+    since the epoch's last checkpoint, and the count of unreadable images before it. A signal stops it at
+    the next step boundary with a checkpoint; ``checkpoint_every`` saves one every so many steps."""
+    cfg, ctx, spe = run.cfg, run.ctx, run.steps_per_epoch
+    run.model.train()
+    start = run.step - epoch * spe
+    loader = data.train_loader(run.train_ds, cfg, epoch, ctx.rank, ctx.world, start=start)
+    bar = Progress(loader, total=spe, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.talks,
+                   dynamic_ncols=True)
+    t0 = time.perf_counter()
+    unreadable_before = data.unreadable_count(run.train_ds)
+    for x, y in bar:
+        _train_step(run, x, y, epoch)
+        dt = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{run.sums['loss'] / run.sums['steps']:.4f}",
+                        img_s=f"{(run.step - epoch * spe - start) * cfg.batch_size / max(dt, 1e-9):.0f}")
+        _check_unreadable(run, epoch, unreadable_before)
+        stop = _received(run.signals, ctx)
+        if stop is not None and run.step % spe:  # at an epoch's end the epoch is finished first
+            run.signals.act()
+            run.elapsed += time.perf_counter() - t0
+            run.save_checkpoint()
+            bar.close()
+            raise Preempted(f"stopped by {signal.Signals(stop).name} at step {run.step} (epoch {epoch + 1}); the "
+                            f"checkpoint is saved in {run.rundir.checkpoint}: run the same command with --resume to "
+                            "continue", stop)
+        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step % spe:
+            run.elapsed += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            run.save_checkpoint()
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    run.elapsed += train_seconds
+    return start, train_seconds, unreadable_before
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+    """One optimizer step on the batch (then the EMA and the epoch's sums), or, where the loss or the
+    gradient is not finite on some process, the ``on_nonfinite`` policy."""
+    cfg, ctx = run.cfg, run.ctx
+    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+    if run.mixup is not None:
+        x, y = run.mixup(x, y)
+    if run.scheduler is not None:
+        run.scheduler.step_update(run.step)
+    with _autocast(ctx, cfg):
+        result = run.objective(x, y, epoch_fraction=run.step / run.steps_per_epoch)
+    loss = result["loss"]
+    run.optimizer.zero_grad(set_to_none=True)
+    fault = None if _finite(loss.detach(), ctx) else "loss"
+    if fault is None:
+        loss.backward()
+        all_reduce_gradients(run.model, ctx.world)
+        # the gradient norm, clipped where the recipe asks (max_norm inf leaves the gradients as they are)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad or math.inf)
+        fault = None if _finite(grad_norm, ctx) else "gradient"
+    if fault is not None:
+        _skip_step(run, fault, epoch, loss, result)
+        return
+    run.optimizer.step()
+    run.step += 1
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.step)
+    sums = run.sums
+    for k, v in result.items():
+        if isinstance(v, float):
+            sums[k] = sums.get(k, 0.0) + v
+    sums["loss"] = sums.get("loss", 0.0) + loss.item()
+    sums["steps"] = sums.get("steps", 0) + 1
+
+
+def _skip_step(run: _Run, fault: str, epoch: int, loss: torch.Tensor, result: dict) -> None:
+    """A non-finite ``fault`` ("loss" or "gradient"): stop with the last good checkpoint, or skip the step."""
+    parts = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
+    where = f"non-finite {fault} at step {run.step} (epoch {epoch + 1}): loss={loss.item()}, {parts}"
+    if run.cfg.on_nonfinite == "stop":
+        raise NonFiniteLossError(f"{where}; {_kept(run.rundir)}; lower lr or the regularization weight, or set "
+                                 "on_nonfinite=skip")
+    run.optimizer.zero_grad(set_to_none=True)  # skipped: the parameters and EMA stay as they were
+    run.sums["skipped_steps"] = run.sums.get("skipped_steps", 0) + 1
+    if run.talks:
+        Progress.write(f"natgrad: skipped the step ({where})")
+    run.step += 1
+
+
+def _check_unreadable(run: _Run, epoch: int, unreadable_before: int) -> None:
+    """Stop when the epoch skipped more unreadable images than ``data.max_unreadable``."""
+    cfg = run.cfg
+    unreadable = data.unreadable_count(run.train_ds) - unreadable_before
+    if unreadable > cfg.data.max_unreadable:
+        raise UserError(f"{unreadable} unreadable images skipped in epoch {epoch + 1}, more than "
+                        f"data.max_unreadable={cfg.data.max_unreadable}; check the files under {cfg.data.root} "
+                        f"or raise the limit ({_kept(run.rundir)})")
+
+
+def _finish_epoch(run: _Run, epoch: int, start: int, train_seconds: float, unreadable_before: int) -> None:
+    """The trained epoch's metrics and evaluation; then (rank 0) its weights and metrics line, and after
+    them the checkpoint: a kill in between repeats the epoch (its metrics line is dropped on resume) and
+    ends with the same files."""
+    cfg, spe = run.cfg, run.steps_per_epoch
+    open_sums = dict(run.sums)
+    metrics = _train_metrics(run, epoch, unreadable_before)
+    if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.epochs:
+        metrics.update(_evaluate_epoch(run, epoch, open_sums))
+    metrics.update({"lr": run.optimizer.param_groups[0]["lr"], "seconds": train_seconds, "elapsed": run.elapsed})
+    if start < spe:  # not an epoch whose training a previous run finished
+        metrics["images_per_s"] = (spe - start) * cfg.batch_size / max(train_seconds, 1e-9)
+    run.last_metrics = metrics
+    if run.ctx.is_main:
+        ckpt.save_weights(run.model, run.rundir.weights)
+        if run.ema is not None:
+            ckpt.save_weights(run.ema.module, run.rundir.ema_weights)
+        with open(run.rundir.metrics, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        run.save_checkpoint()
+        if run.progress:
+            print(_epoch_line(metrics, cfg.epochs), flush=True)
+
+
+def _train_metrics(run: _Run, epoch: int, unreadable_before: int) -> dict[str, Any]:
+    """The epoch's training means (and counts of unreadable images and skipped steps); empties the sums."""
+    sums, train_ds = run.sums, run.train_ds
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "step": run.step}
+    n_steps = max(sums.pop("steps", 1), 1)
+    metrics["train_loss"] = sums.pop("loss", math.nan) / n_steps
+    if data.unreadable_count(train_ds) > unreadable_before:
+        metrics["unreadable_images"] = data.unreadable_count(train_ds) - unreadable_before
+    if "skipped_steps" in sums:
+        metrics["skipped_steps"] = sums.pop("skipped_steps")
+    metrics.update({f"train_{k}": v / n_steps for k, v in sums.items()})
+    run.sums = {}
+    return metrics
+
+
+def _evaluate_epoch(run: _Run, epoch: int, open_sums: dict[str, Any]) -> dict[str, Any]:
+    """Clean and PGD accuracy of the (EMA) model. A signal during the evaluation stops it at once, with a
+    checkpoint that marks the epoch open; a signal before it lets it finish first."""
+    cfg, signals = run.cfg, run.signals
+    t1 = time.perf_counter()
+    try:
+        with signals.raise_now() if signals.signum is None else nullcontext():
+            result = evaluate(run.eval_model, run.eval_ds, cfg.eps, cfg.eval.pgd_steps, cfg.eval.batch_size, run.ctx,
+                              seed=cfg.seed, progress=run.progress)
+    except Preempted as stopped:
+        run.save_checkpoint(open_sums)
+        raise Preempted(f"stopped by {signal.Signals(stopped.exit_code - 128).name} while evaluating epoch "
+                        f"{epoch + 1}; the checkpoint is saved in {run.rundir.checkpoint}: run the same command "
+                        "with --resume to evaluate it and continue", stopped.exit_code - 128) from None
+    return {"clean_acc": result["clean_acc"], "pgd_acc": result["pgd_acc"], "pgd_steps": result["pgd_steps"],
+            "eval_n": result["n"], "eval_seconds": time.perf_counter() - t1}
+
+
+def _stop_after_epoch(run: _Run, epoch: int, epochs_this_run: int) -> bool:
+    """Raise :class:`Preempted` on a signal, or return True where ``stop_after`` epochs are done (not after
+    the last epoch: the run then completes)."""
+    cfg = run.cfg
+    stop = _received(run.signals, run.ctx)
+    if stop is not None and epoch + 1 < cfg.epochs:  # after the last one the run completes, then stops
+        run.signals.act()
+        raise Preempted(f"stopped by {signal.Signals(stop).name} after epoch {epoch + 1}; the checkpoint is saved "
+                        f"in {run.rundir.checkpoint}: run the same command with --resume to continue", stop)
+    if cfg.stop_after is not None and epochs_this_run >= cfg.stop_after and epoch + 1 < cfg.epochs:
+        if run.talks:
+            print(f"natgrad: stopped after {epochs_this_run} epoch(s) as asked; continue with --resume", flush=True)
+        return True
+    return False
+
+
+def _write_summary(run: _Run) -> dict:
+    """The run's summary (its last epoch's metrics included), written by rank 0 to ``summary.json``."""
+    cfg, ctx = run.cfg, run.ctx
     summary = {"method": cfg.method, "model": cfg.model.name, "data": cfg.data.name, "eps": cfg.eps,
-               "epochs_done": step // steps_per_epoch, "epochs": cfg.epochs, "steps": step,
-               "train_seconds": elapsed, "world_size": ctx.world, "device": str(ctx.device),
-               "ema": ema is not None, **{k: v for k, v in last_metrics.items() if k not in ("epoch", "step")}}
+               "epochs_done": run.step // run.steps_per_epoch, "epochs": cfg.epochs, "steps": run.step,
+               "train_seconds": run.elapsed, "world_size": ctx.world, "device": str(ctx.device),
+               "ema": run.ema is not None, **{k: v for k, v in run.last_metrics.items() if k not in ("epoch", "step")}}
     if ctx.is_main:
-        ckpt.atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
+        ckpt.atomic_write_text(run.rundir.summary, json.dumps(summary, indent=2))
     return summary
 
 
-def _metrics_up_to(out: Path, epochs: int, main: bool) -> dict[str, Any]:
+def _metrics_up_to(rundir: RunDir, epochs: int, main: bool) -> dict[str, Any]:
     """Keep the metrics lines of the first ``epochs`` epochs (a later line belongs to an epoch that the
     checkpoint does not hold, and will be made again); returns the last one kept."""
-    path = out / METRICS
+    path = rundir.metrics
     lines = path.read_text().splitlines() if path.is_file() else []
     kept = []
     for line in lines:
@@ -404,10 +525,10 @@ def _received(signals: StopSignals, ctx: Context) -> int | None:
     return signals.signum
 
 
-def _kept(out: Path) -> str:
+def _kept(rundir: RunDir) -> str:
     """What is left of the run after a failure, in words."""
-    if (out / CHECKPOINT).is_file():
-        return f"the last good checkpoint is kept in {out / CHECKPOINT}"
+    if rundir.checkpoint.is_file():
+        return f"the last good checkpoint is kept in {rundir.checkpoint}"
     return "no checkpoint had been written yet, so the run folder was cleared: run the same command again"
 
 
@@ -424,3 +545,6 @@ def _epoch_line(m: dict, epochs: int) -> str:
         parts.append(f"{m['skipped_steps']} non-finite steps skipped")
     parts.append(f"{m['seconds']:.1f}s")
     return "natgrad: " + ", ".join(parts)
+
+
+__all__ = ["CHECKPOINT", "MIN_FREE_BYTES", "train"]  # CHECKPOINT: the pipelines' test for a run to resume
