@@ -174,3 +174,33 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
         os.umask(old)
     for name in ("a.txt", "w.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
+
+
+def test_a_skipped_first_step_does_not_break_the_progress_line(tmp_path, capsys):
+    class NaNFirst(Natural):
+        calls = 0
+
+        def __call__(self, x, y, epoch_fraction=0.0):
+            NaNFirst.calls += 1
+            out = super().__call__(x, y, epoch_fraction)
+            if NaNFirst.calls == 1:
+                out["loss"] = out["loss"] * float("inf")
+            return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(objectives.REGISTRY, "natural", NaNFirst)
+        out = tmp_path / "run"
+        assert run_cli(["train", "fmnist-natural", *TINY, "on_nonfinite=skip", "--out", str(out)], capsys)[0] == 0
+    assert [json.loads(line).get("skipped_steps") for line in (out / "metrics.jsonl").read_text().splitlines()][0] == 1
+
+
+def test_resuming_a_fine_tune_killed_before_its_first_checkpoint_starts_from_init(tmp_path, capsys):
+    base = tmp_path / "base"
+    assert run_cli(["train", "fmnist-natural", *TINY, "--out", str(base), "--quiet"], capsys)[0] == 0
+    args = ["train", "fmnist-gradnorm", *TINY, f"init={base}", "--quiet"]
+    assert run_cli([*args, "--out", str(tmp_path / "full")], capsys)[0] == 0
+    killed = tmp_path / "killed"  # what a kill before the first checkpoint leaves: the config alone
+    killed.mkdir()
+    (killed / "config.yaml").write_text((tmp_path / "full" / "config.yaml").read_text())
+    assert run_cli([*args, "--out", str(killed), "--resume"], capsys)[0] == 0
+    assert_same_weights(weights(tmp_path / "full"), weights(killed))

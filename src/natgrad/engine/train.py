@@ -257,7 +257,7 @@ def _build_run(cfg: RunConfig, ctx: Context, out: Path, resume: bool, progress: 
                         "lower batch_size")
     seed_everything(cfg.seed)
     model = build_model(cfg).to(ctx.device)
-    if cfg.init and not resume:  # fine-tuning; checked before the run folder is created
+    if cfg.init and not (resume and RunDir(out).checkpoint.is_file()):  # fine-tuning, unless a checkpoint follows
         ckpt.load_weights(model, weights_file(cfg.init))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
@@ -272,11 +272,11 @@ def _open_run(run: _Run, folder: _RunFolder, resume: bool) -> dict | None:
     """Lock the folder and restore the checkpoint (resuming) or write ``config.yaml`` (a fresh run);
     returns the saved summary when a resumed run has nothing left to do, else None."""
     rundir, ctx = run.rundir, run.ctx
+    folder.open(ctx.is_main, fresh=not resume)  # a folder to resume was checked to hold this run's config
     if resume and not rundir.checkpoint.is_file():  # stopped before its first checkpoint: nothing to continue
         if run.talks:
             print(f"natgrad: {rundir.path} has no checkpoint yet; training from the beginning", flush=True)
         resume = False
-    folder.open(ctx.is_main, fresh=not resume)
     if resume:
         _restore(run)
         run.last_metrics = _metrics_up_to(rundir, run.step // run.steps_per_epoch - run.epoch_open, ctx.is_main)
@@ -326,8 +326,9 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[int, float, int]:
     for x, y in bar:
         _train_step(run, x, y, epoch)
         dt = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{run.sums['loss'] / run.sums['steps']:.4f}",
-                        img_s=f"{(run.step - epoch * spe - start) * cfg.batch_size / max(dt, 1e-9):.0f}")
+        if run.sums.get("steps"):  # none yet when the epoch's first steps were skipped as non-finite
+            bar.set_postfix(loss=f"{run.sums['loss'] / run.sums['steps']:.4f}",
+                            img_s=f"{(run.step - epoch * spe - start) * cfg.batch_size / max(dt, 1e-9):.0f}")
         _check_unreadable(run, epoch, unreadable_before)
         stop = _received(run.signals, ctx)
         if stop is not None and run.step % spe:  # at an epoch's end the epoch is finished first
