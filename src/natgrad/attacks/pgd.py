@@ -12,12 +12,12 @@ from natgrad.errors import UserError, check_choice
 from natgrad.losses import per_sample_ce
 
 
-@contextmanager
-
 def paper_step_size(eps: float) -> float:
     """The evaluation attacks' step: the paper's 1/255 at eps 4/255, scaled with eps."""
     return eps / 4
 
+
+@contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
     was_training = model.training
