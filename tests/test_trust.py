@@ -19,7 +19,7 @@ from conftest import TINY, assert_same_weights, run_cli, weights
 from safetensors.torch import load_file, save_file
 
 from natgrad import config, pipeline
-from natgrad.engine import robustness as rb
+from natgrad import evaluation as rb
 from natgrad.errors import Preempted, UserError
 from natgrad.rundir import LOCK, RunLock
 from natgrad.signals import StopSignals
@@ -424,7 +424,7 @@ def test_a_checkpoint_of_the_wrong_structure_is_refused(run_a, tmp_path, capsys,
 
 
 def test_a_tiny_eps_is_not_shown_as_zero_255ths():
-    table = rb.format_table([{"attack": "pgd-10", "eps": 1e-300, "n": 1, "robust_acc": 1.0},
+    table = rb.format_results([{"attack": "pgd-10", "eps": 1e-300, "n": 1, "robust_acc": 1.0},
                              {"attack": "pgd-10", "eps": 4 / 255, "n": 1, "robust_acc": 1.0}])
     assert "(0/255)" not in table and "(4/255)" in table
 

@@ -1,6 +1,6 @@
 """Training loop, evaluation, checkpoints and distributed helpers."""
 
-from natgrad.engine.evaluate import evaluate
 from natgrad.engine.train import train
+from natgrad.evaluation import evaluate
 
 __all__ = ["evaluate", "train"]

@@ -35,8 +35,8 @@ from natgrad.build import build_model, objective_params, seed_everything
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup, sum_over_processes
-from natgrad.engine.evaluate import evaluate
 from natgrad.errors import NonFiniteLossError, Preempted, UserError
+from natgrad.evaluation import evaluate
 from natgrad.rundir import (
     CHECKPOINT,
     CONFIG,
