@@ -367,16 +367,16 @@ def test_destinations_are_checked_before_the_work(run_a, tmp_path, capsys, monke
 
 
 def test_a_failed_write_keeps_the_results(run_a, tmp_path, capsys, monkeypatch):
-    from natgrad.engine import checkpoint
+    from natgrad.evaluation import run as evaluation_run
 
-    real = checkpoint.atomic_write_text
+    real = evaluation_run.atomic_write_text
 
     def disk_full(path, text):
         if Path(path).name == "eval.json":
             raise OSError(28, "No space left on device")
         real(path, text)
 
-    monkeypatch.setattr(checkpoint, "atomic_write_text", disk_full)
+    monkeypatch.setattr(evaluation_run, "atomic_write_text", disk_full)
     run = _copy(run_a, tmp_path / "full")
     code, err = run_cli(["eval", str(run), "--attacks", "clean", "--n", "16", "--quiet"], capsys)
     _one_line_error(code, err, "No space left on device", "kept in")
