@@ -11,8 +11,8 @@ from conftest import TINY, run_cli
 
 from natgrad import demo, pipeline
 from natgrad.demo import RECIPES, DemoSettings, run_demo
-from natgrad.engine.robustness import default_sweep_eps
 from natgrad.errors import UserError
+from natgrad.evaluation import default_sweep_eps
 
 # Everything shrunk; eps 0.3 so that the tiny models are not robust and AutoAttack stops early.
 SMALL = DemoSettings(epochs=1, limit_train=256, limit_eval=64, n_eval=32, n_sweep=16, sweep_to=2.0, n_autoattack=4,

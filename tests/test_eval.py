@@ -11,7 +11,7 @@ import torch
 from conftest import TINY, run_cli
 from torch import nn
 
-from natgrad.engine import robustness as rb
+from natgrad import evaluation as rb
 from natgrad.engine.distributed import Context
 
 
@@ -144,11 +144,11 @@ def test_mismatched_checkpoint_and_transfer_source(trained, tmp_path, capsys):
 
 def test_sanity_report_reuses_the_evaluation_and_exports_robustbench(trained, tmp_path, monkeypatch):
     from natgrad import config
-    from natgrad.engine import robustness
+    from natgrad.evaluation import runner
 
     calls = []
-    real = robustness.evaluate_model
-    monkeypatch.setattr(robustness, "evaluate_model",
+    real = runner.evaluate_model
+    monkeypatch.setattr(runner, "evaluate_model",
                         lambda m, d, s, c: calls.append((s.attacks, s.eps, s.pgd_steps)) or real(m, d, s, c))
     # eps 0.3: APGD-CE fools every image, so the rest of AutoAttack has nothing left to attack (fast)
     report = _eval(trained, tmp_path, "--attacks", "clean,pgd,autoattack", "--eps", "0.3", "--pgd-steps", "5",

@@ -19,7 +19,7 @@ from conftest import TINY, assert_same_weights, run_cli, weights
 from safetensors.torch import load_file, save_file
 
 from natgrad import config, pipeline
-from natgrad.engine import robustness as rb
+from natgrad import evaluation as rb
 from natgrad.errors import Preempted, UserError
 from natgrad.rundir import LOCK, RunLock
 from natgrad.signals import StopSignals
@@ -367,16 +367,16 @@ def test_destinations_are_checked_before_the_work(run_a, tmp_path, capsys, monke
 
 
 def test_a_failed_write_keeps_the_results(run_a, tmp_path, capsys, monkeypatch):
-    from natgrad.engine import checkpoint
+    from natgrad.evaluation import run as evaluation_run
 
-    real = checkpoint.atomic_write_text
+    real = evaluation_run.atomic_write_text
 
     def disk_full(path, text):
         if Path(path).name == "eval.json":
             raise OSError(28, "No space left on device")
         real(path, text)
 
-    monkeypatch.setattr(checkpoint, "atomic_write_text", disk_full)
+    monkeypatch.setattr(evaluation_run, "atomic_write_text", disk_full)
     run = _copy(run_a, tmp_path / "full")
     code, err = run_cli(["eval", str(run), "--attacks", "clean", "--n", "16", "--quiet"], capsys)
     _one_line_error(code, err, "No space left on device", "kept in")
@@ -424,7 +424,7 @@ def test_a_checkpoint_of_the_wrong_structure_is_refused(run_a, tmp_path, capsys,
 
 
 def test_a_tiny_eps_is_not_shown_as_zero_255ths():
-    table = rb.format_table([{"attack": "pgd-10", "eps": 1e-300, "n": 1, "robust_acc": 1.0},
+    table = rb.format_results([{"attack": "pgd-10", "eps": 1e-300, "n": 1, "robust_acc": 1.0},
                              {"attack": "pgd-10", "eps": 4 / 255, "n": 1, "robust_acc": 1.0}])
     assert "(0/255)" not in table and "(4/255)" in table
 

@@ -25,7 +25,7 @@ _PUBLIC = {
     "fgsm": ("natgrad.attacks", "fgsm"),
     "pgd": ("natgrad.attacks", "pgd"),
     "RunConfig": ("natgrad.config", "RunConfig"),
-    "evaluate": ("natgrad.engine.evaluate", "evaluate"),
+    "evaluate": ("natgrad.evaluation", "evaluate"),
     "train": ("natgrad.engine.train", "train"),
     "UserError": ("natgrad.errors", "UserError"),
     "input_gradient": ("natgrad.objectives.gradnorm", "input_gradient"),

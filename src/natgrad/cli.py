@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
-import tempfile
 import time
 import typing
 from pathlib import Path
 
-from natgrad import config
+from natgrad import config, evaluation
 from natgrad.analysis.analyze import ANALYSES
 from natgrad.errors import Preempted, UserError
-from natgrad.rundir import ANALYSIS, EVAL, refuse_symlinks
+from natgrad.evaluation import write_or_keep as _write_or_keep
+from natgrad.rundir import ANALYSIS, refuse_symlinks
 from natgrad.signals import StopSignals
 
 
@@ -39,14 +37,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-
-    from natgrad.data import info
-    from natgrad.engine import checkpoint as ckpt
-    from natgrad.engine import robustness as rb
-    from natgrad.engine.distributed import setup
-
-    attacks = rb.parse_attacks(args.attacks)
-    eps = rb.parse_eps(args.eps) if args.eps else None
+    attacks = evaluation.parse_attacks(args.attacks)
+    eps = evaluation.parse_eps(args.eps) if args.eps else None
     steps = _int_list(args.pgd_steps, "--pgd-steps")
     for flag, value in (("--n", args.n), ("--square-queries", args.square_queries), ("--batch-size", args.batch_size),
                         ("--restarts", args.restarts)):
@@ -54,89 +46,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} {value} must be at least 1")
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed {args.seed} must be in [0, 2^32)")
-    run_dir = Path(args.source) if Path(args.source).is_dir() else None
-    json_path = Path(args.json) if args.json else (run_dir / EVAL if run_dir else None)
-    plots = Path(args.plots) if args.plots else (run_dir or Path("."))
-    # Every destination is checked before minutes of attacks, not after them.
-    if json_path is not None:
-        ckpt.check_destination(json_path, "json", "--json")
-    if args.robustbench_json:
-        ckpt.check_destination(Path(args.robustbench_json), "json", "--robustbench-json")
-    if any(a in rb.SWEEPS for a in attacks):
-        ckpt.check_destination(plots, "folder", "--plots")
-    if run_dir is not None:
-        refuse_symlinks(run_dir)
-    ctx = setup(args.device)
-    loaded = rb.load_model(args.source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
-    cfg = loaded.cfg
-    ds = rb.eval_dataset(cfg, args.n)
-    source = None
-    if args.transfer_source:
-        src = rb.load_model(args.transfer_source, args.recipe, None, ctx.device)
-        if (info(src.cfg.data).in_chans, info(src.cfg.data).image_size) != (info(cfg.data).in_chans, info(cfg.data).image_size):
-            raise UserError(f"--source {args.transfer_source} takes {info(src.cfg.data).in_chans}-channel "
-                            f"{info(src.cfg.data).image_size}px images, this model {info(cfg.data).in_chans}-channel "
-                            f"{info(cfg.data).image_size}px; give a source model with the same input shape")
-        source = src.model
-    aa_attacks = [a.strip() for a in args.aa_attacks.split(",")] if args.aa_attacks else None
-    settings = rb.EvalSettings(attacks=attacks, eps=eps or [cfg.eps], pgd_steps=tuple(steps), restarts=args.restarts,
-                               batch_size=args.batch_size, seed=args.seed, aa_attacks=aa_attacks, source=source,
-                               progress=not args.quiet, square_queries=args.square_queries)
-    # A run folder keeps AutoAttack's progress by default, so that an interrupted evaluation continues;
-    # one folder per weights and settings, removed when the evaluation finishes.
-    default_state = rb.autoattack_state_dir(run_dir, loaded.model, settings, len(ds)) if run_dir else None
-    state_dir = Path(args.aa_state) if args.aa_state else default_state
-    settings = dataclasses.replace(settings, state_dir=state_dir)
-    if args.robustbench_json:
-        rb.check_robustbench(cfg, settings)
-    out = rb.evaluate_model(loaded.model, ds, settings, ctx)
-    report = {"model": loaded.name, "weights": str(loaded.weights), "weights_sha256": loaded.sha256,
-              "architecture": cfg.model.name, "method": cfg.method,
-              "dataset": cfg.data.name, "n": len(ds), "world_size": ctx.world, **out}
-    if args.sanity:
-        report["sanity"] = rb.sanity_checks(loaded.model, ds, settings, ctx, info(cfg.data).num_classes,
-                                            done=out["results"])
-    if not ctx.is_main:
+    settings = evaluation.RunSettings(
+        parts=(evaluation.Part(tuple(attacks), args.n),), eps=eps, pgd_steps=tuple(steps), restarts=args.restarts,
+        batch_size=args.batch_size, seed=args.seed,
+        aa_attacks=[a.strip() for a in args.aa_attacks.split(",")] if args.aa_attacks else None,
+        square_queries=args.square_queries, progress=not args.quiet, recipe=args.recipe, model_name=args.model,
+        ema=not args.no_ema, device=args.device, transfer_source=_path(args.transfer_source),
+        aa_state=_path(args.aa_state), sanity=args.sanity, json_path=_path(args.json),
+        robustbench_json=_path(args.robustbench_json), plots=_path(args.plots))
+    result = evaluation.evaluate_run(args.source, settings)
+    if not result.is_main:
         return 0
-    print(rb.format_table(out["results"]))
-    for warning in out["integrity"]["warnings"]:
+    print(evaluation.format_results(result.rows))
+    for warning in result.warnings:
         print(f"natgrad: warning: {warning}")
-    if "sanity" in report:
-        print(rb.format_sanity(report["sanity"]))
-    if json_path is not None:
-        text = json.dumps(report, indent=2)
-        _write_or_keep(lambda: ckpt.atomic_write_text(json_path, text), text, json_path, "results")
-        print(f"natgrad: results in {json_path}")
-    for kind, sweep in out["sweeps"].items():
-        path = plots / f"{kind}-sweep.png"
-        plots.mkdir(parents=True, exist_ok=True)
-        rb.plot_sweep(sweep, kind, path, f"{loaded.name} ({cfg.method}, n={sweep['n']})")
+    if result.sanity is not None:
+        print(evaluation.format_sanity(result.sanity))
+    if result.json_path is not None:
+        print(f"natgrad: results in {result.json_path}")
+    for kind, path in result.figures.items():
         print(f"natgrad: {kind} sweep figure {path}")
-    if args.robustbench_json:
-        rb_path, rb_text = Path(args.robustbench_json), json.dumps(rb.robustbench_info(loaded.name, cfg, out["results"]))
-        _write_or_keep(lambda: ckpt.atomic_write_text(rb_path, rb_text), rb_text, rb_path, "RobustBench entry")
-    if state_dir == default_state and state_dir is not None:  # finished: nothing left to continue
-        rb.remove_autoattack_state(state_dir)
     return 0
 
 
-def _write_or_keep(write: typing.Callable[[], object], text: str, path: Path, what: str) -> None:
-    """Run ``write`` (which writes ``path``); when it fails, keep ``text`` in a file of the temporary folder
-    (or on stdout) and say where, so that minutes of work are not lost to a full disk or a read-only folder."""
-    try:
-        write()
-        return
-    except OSError as e:
-        reason = e.strerror or str(e)
-    try:
-        fd, kept = tempfile.mkstemp(prefix=f"natgrad-{path.stem}-", suffix=path.suffix or ".txt")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        where = f"they are kept in {kept}"
-    except OSError:
-        print(text)
-        where = "they are printed above"
-    raise UserError(f"cannot write {path} ({reason}); the {what} are not lost: {where}")
+def _path(text: str | None) -> Path | None:
+    return Path(text) if text else None
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -148,7 +82,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         write_analysis,
     )
     from natgrad.engine import checkpoint as ckpt
-    from natgrad.engine import robustness as rb
     from natgrad.engine.distributed import setup
 
     analyses = parse_analyses(args.analyses)
@@ -157,7 +90,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for flag, value in (("--power-iterations", args.power_iterations), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} {value} must be at least 1")
-    eps = rb.parse_eps(args.eps) if args.eps else None
+    eps = evaluation.parse_eps(args.eps) if args.eps else None
     if eps is not None and len(eps) != 1:
         raise UserError("analyze takes one --eps value")
     if not 0 <= args.seed < 2**32:
@@ -169,8 +102,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if source.is_dir():
         refuse_symlinks(source)
     ctx = setup(args.device)
-    loaded = rb.load_model(source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
-    ds = rb.eval_dataset(loaded.cfg, args.n if args.n is not None else min(1000, len(rb.eval_dataset(loaded.cfg, None))))
+    loaded = evaluation.load_model(source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
+    ds = evaluation.eval_dataset(loaded.cfg, args.n if args.n is not None
+                                 else min(1000, len(evaluation.eval_dataset(loaded.cfg, None))))
     settings = AnalysisSettings(eps=eps[0] if eps else loaded.cfg.eps, analyses=analyses, batch_size=args.batch_size,
                                 power_iterations=args.power_iterations, seed=args.seed, progress=not args.quiet)
     summary, arrays = analyze(loaded.model, ds, settings, ctx.device)

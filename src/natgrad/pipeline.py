@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from natgrad import evaluation
 from natgrad.errors import Preempted, UserError
-from natgrad.files import check_destination
-from natgrad.rundir import EVAL, RunDir
+from natgrad.rundir import RunDir
 
 BENCH_FILE = "bench.json"
 
@@ -209,43 +209,22 @@ def run_config(run: Path):
     return RunDir(run).read_config()
 
 
-def eval_stage(run: Path, s: Sizes, progress: bool) -> str:
-    from natgrad.engine import checkpoint as ckpt
-    from natgrad.engine import robustness as rb
-    from natgrad.engine.distributed import setup
-
-    cfg = run_config(run)
-    ctx = setup(cfg.device)
-    loaded = rb.load_model(run, device=ctx.device)
-    check_destination(run / EVAL, "json", "eval.json")
-    base = rb.EvalSettings(attacks=["clean", "pgd"], eps=[cfg.eps], pgd_steps=(s.pgd_steps,), progress=progress)
-    t0 = time.perf_counter()
-    out = rb.evaluate_model(loaded.model, rb.eval_dataset(cfg, s.n_eval), base, ctx)
-    grid = [e for e in rb.default_sweep_eps(cfg.eps) if e <= s.sweep_to * cfg.eps * (1 + 1e-9)]
-    sweep = rb.evaluate_model(loaded.model, rb.eval_dataset(cfg, s.n_sweep),
-                              dataclasses.replace(base, attacks=["eps-sweep"], sweep_eps=grid), ctx)
-    t1 = time.perf_counter()
-    aa_settings = dataclasses.replace(base, attacks=["autoattack"], batch_size=s.autoattack_batch,
-                                      square_queries=s.square_queries)
-    state_dir = rb.autoattack_state_dir(run, loaded.model, aa_settings, s.n_autoattack)
-    aa_settings = dataclasses.replace(aa_settings, state_dir=state_dir)
-    aa = rb.evaluate_model(loaded.model, rb.eval_dataset(cfg, s.n_autoattack), aa_settings, ctx)
-    t2 = time.perf_counter()
-    results = out["results"] + aa["results"]
-    report = {"model": loaded.name, "weights": str(loaded.weights), "weights_sha256": loaded.sha256,
-              "architecture": cfg.model.name,
-              "method": cfg.method, "dataset": cfg.data.name, "n": s.n_eval, "autoattack_n": s.n_autoattack,
-              "sweep_n": s.n_sweep, "world_size": ctx.world, "results": results, "sweeps": sweep["sweeps"],
-              "integrity": {**out["integrity"], "autoattack_warnings": aa["integrity"]["autoattack_warnings"]}}
-    if not ctx.is_main:
+def eval_stage(run: Path, s: Sizes, progress: bool) -> str | None:
+    """Clean and PGD-k on ``n_eval`` images, standard AutoAttack on ``n_autoattack``, the eps sweep on ``n_sweep``;
+    writes the sweep figure and ``eval.json`` into the run folder. Returns the timing detail on rank 0."""
+    parts = (evaluation.Part(("clean", "pgd"), s.n_eval),
+             evaluation.Part(("autoattack",), s.n_autoattack, "autoattack_n", batch_size=s.autoattack_batch),
+             evaluation.Part(("eps-sweep",), s.n_sweep, "sweep_n", sweep_to=s.sweep_to))
+    settings = evaluation.RunSettings(parts=parts, pgd_steps=(s.pgd_steps,), square_queries=s.square_queries,
+                                      progress=progress, device=run_config(run).device, json_flag="eval.json")
+    result = evaluation.evaluate_run(run, settings)
+    if not result.is_main:
         return None
-    for kind, curve in sweep["sweeps"].items():
-        rb.plot_sweep(curve, kind, run / f"{kind}-sweep.png", f"{loaded.name} ({cfg.method}, n={curve['n']})")
     if progress:
-        print(rb.format_table(results), flush=True)
-    ckpt.atomic_write_text(run / EVAL, json.dumps(report, indent=2))
-    rb.remove_autoattack_state(state_dir)
-    return f"clean, PGD-{s.pgd_steps} and eps sweep {t1 - t0:.1f} s, AutoAttack {t2 - t1:.1f} s"
+        print(evaluation.format_results(result.rows), flush=True)
+    seconds = result.seconds
+    return (f"clean, PGD-{s.pgd_steps} and eps sweep {seconds['n'] + seconds['sweep_n']:.1f} s, "
+            f"AutoAttack {seconds['autoattack_n']:.1f} s")
 
 
 def bench_stage(out: Path, grid: Grid, s: Sizes, progress: bool) -> None:
@@ -272,13 +251,12 @@ def analyze_stage(run: Path, s: Sizes, progress: bool) -> None:
     if not is_main_process():
         return
     from natgrad.analysis.analyze import AnalysisSettings, analyze, write_analysis
-    from natgrad.engine import robustness as rb
     from natgrad.engine.distributed import setup
 
     cfg = run_config(run)
     ctx = setup(cfg.device)
-    loaded = rb.load_model(run, device=ctx.device)
-    ds = rb.eval_dataset(cfg, s.n_analysis)
+    loaded = evaluation.load_model(run, device=ctx.device)
+    ds = evaluation.eval_dataset(cfg, s.n_analysis)
     settings = AnalysisSettings(eps=cfg.eps, power_iterations=s.power_iterations, progress=progress)
     summary, arrays = analyze(loaded.model, ds, settings, ctx.device)
     summary = {"model": loaded.name, "method": cfg.method, "architecture": cfg.model.name, "dataset": cfg.data.name,

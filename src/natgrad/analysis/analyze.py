@@ -67,8 +67,7 @@ def parse_analyses(names: str | list[str]) -> tuple[str, ...]:
 
 def _batches(ds: Dataset, s: AnalysisSettings, device: torch.device, desc: str
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    from natgrad.engine.distributed import Context
-    from natgrad.engine.robustness import shard_batches
+    from natgrad.engine.distributed import Context, shard_batches
 
     yield from shard_batches(ds, s.batch_size, Context(0, 1, device), s.seed, desc, s.progress)
 

@@ -3,9 +3,7 @@
 The adapter hands ``pyautoattack.AutoAttack.run_standard_evaluation`` one attack at a time (as the package's own
 ``run_standard_evaluation_individual`` does), each on the images still robust, so it reads the robust accuracy
 after every attack without reimplementing any of them; the results equal one ``run_standard_evaluation`` call's.
-Resume is the adapter's own, at the per-attack level: the package's ``state_path`` keeps only robust flags in a
-non-atomic JSON file, does not return the adversarial images found before the interruption, and in 0.2.0 cannot
-resume at all (the set of attacks is written with ``str()``, so reading it back never matches: ``ValueError``).
+Resume is the adapter's own, per attack (docs/RESULTS.md, issue 16, says why the package's is not used).
 """
 
 from __future__ import annotations

@@ -8,13 +8,16 @@ and this works the same for every objective.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from natgrad.build import select_device
+from natgrad.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -76,3 +79,29 @@ def gather_unique(items: list[str], world: int) -> list[str]:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def shard_batches(ds: Dataset, batch_size: int, ctx: Context, seed: int, desc: str,
+                  progress: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's global batches, in order, each with the global RNG seeded by ``seed + b``.
+
+    Batch ``b`` goes to rank ``b % world``, so counts merged with :func:`merge_counts` are the same for any
+    number of processes.
+    """
+    starts = range(0, len(ds), batch_size)  # type: ignore[arg-type]
+    mine = [list(range(a, min(a + batch_size, len(ds)))) for b, a in enumerate(starts)  # type: ignore[arg-type]
+            if b % ctx.world == ctx.rank]
+    loader = DataLoader(ds, batch_sampler=mine)
+    for k, (x, y) in enumerate(Progress(loader, desc=desc, leave=False, disable=not (progress and ctx.is_main))):
+        torch.manual_seed(seed + global_batch_index(ctx, k))
+        yield x.to(ctx.device), y.to(ctx.device)
+
+
+def global_batch_index(ctx: Context, k: int) -> int:
+    """The global index of this process's ``k``-th batch of :func:`shard_batches`."""
+    return ctx.rank + k * ctx.world
+
+
+def merge_counts(counts: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Exact counts summed over every process (on the process's device for the all-reduce), back on the CPU."""
+    return sum_over_processes(counts.to(ctx.device), ctx.world).cpu()

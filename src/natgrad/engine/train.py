@@ -37,8 +37,8 @@ from natgrad.build import build_model, build_objective, build_optimizer, build_s
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup, sum_over_processes
-from natgrad.engine.evaluate import evaluate
 from natgrad.errors import NonFiniteLossError, Preempted, UserError
+from natgrad.evaluation import evaluate
 from natgrad.objectives import Objective
 from natgrad.progress import Progress
 from natgrad.rundir import (

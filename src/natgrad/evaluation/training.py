@@ -6,6 +6,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from natgrad.engine.distributed import Context
+from natgrad.evaluation.runner import evaluate_model
+from natgrad.evaluation.settings import EvalSettings
 
 
 def evaluate(
@@ -23,8 +25,6 @@ def evaluate(
     Exact under torchrun (no padded duplicates); the attack's randomness comes from a seeded fork of
     the RNG, so evaluating does not change what training draws afterwards.
     """
-    from natgrad.engine.robustness import EvalSettings, evaluate_model
-
     ctx = ctx or Context(0, 1, next(model.parameters()).device)
     attack = pgd_steps > 0 and eps > 0
     settings = EvalSettings(attacks=["clean", "pgd"] if attack else ["clean"], eps=[eps], pgd_steps=(pgd_steps,),
