@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from natgrad.attacks.pgd import frozen_parameters
+from natgrad.gradients import frozen_parameters
 from natgrad.models import cnn_small
 
 

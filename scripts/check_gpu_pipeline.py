@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from natgrad.pipeline import Sizes
+from natgrad.pipeline import PipelineSettings
 from natgrad.reproduce import run_reproduce
 
 device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
@@ -16,7 +16,8 @@ out = Path("/tmp/gpu-grid")
 shutil.rmtree(out, ignore_errors=True)
 overrides = ("data.name=synthetic", "data.synthetic_size=256", "data.image_size=32", "data.channels=3",
              "data.limit_eval=64", "data.num_workers=0", "batch_size=32", "eval.batch_size=64", f"device={device}")
-sizes = Sizes(epochs=1, limit_train=None, limit_eval=64, n_eval=64, n_sweep=32, sweep_to=2.0, n_autoattack=32,
+sizes = PipelineSettings(epochs=1, limit_train=None, limit_eval=64, n_eval=64, n_sweep=32, sweep_to=2.0,
+                         n_autoattack=32,
               autoattack_batch=32, square_queries=50, pgd_steps=3, n_analysis=16, power_iterations=2, bench_steps=3,
               bench_warmup=1)
 t0 = time.time()

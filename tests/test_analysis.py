@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, run_cli
 from torch import nn
 
+from conftest import TINY, run_cli
 from natgrad.analysis import statistics as st
 from natgrad.analysis.analyze import ANALYSES, AnalysisSettings, analyze
 from natgrad.analysis.edges import log_correlation, sobel_energy
@@ -17,6 +17,7 @@ from natgrad.analysis.geometry import (
     local_linearity_error,
     normalized_curvature,
 )
+from natgrad.engine.distributed import Context, batch_source
 
 
 def _tiny_conv() -> nn.Module:
@@ -56,8 +57,10 @@ def test_local_linearity_error_is_zero_for_a_linear_loss_and_positive_for_a_curv
     curved = local_linearity_error(lambda z: (z.flatten(1) ** 2).sum(1), x, eps=0.1, generator=g)
     assert (curved > 0).all()
     # for L = sum z^2 the error is exactly (a (1 - a) ||n1 - n2||^2)^2; check its scale with eps
-    bigger = local_linearity_error(lambda z: (z.flatten(1) ** 2).sum(1), x, eps=0.2, generator=torch.Generator().manual_seed(5))
-    smaller = local_linearity_error(lambda z: (z.flatten(1) ** 2).sum(1), x, eps=0.1, generator=torch.Generator().manual_seed(5))
+    bigger = local_linearity_error(lambda z: (z.flatten(1) ** 2).sum(1), x, eps=0.2,
+                                   generator=torch.Generator().manual_seed(5))
+    smaller = local_linearity_error(lambda z: (z.flatten(1) ** 2).sum(1), x, eps=0.1,
+                                    generator=torch.Generator().manual_seed(5))
     assert torch.allclose(bigger, 16 * smaller, rtol=1e-3)
 
 
@@ -89,9 +92,10 @@ def analysis():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
                           nn.Linear(64, 10))
     g = torch.Generator().manual_seed(3)
-    ds = torch.utils.data.TensorDataset(torch.rand(40, 1, 12, 12, generator=g), torch.randint(0, 10, (40,), generator=g))
+    ds = torch.utils.data.TensorDataset(torch.rand(40, 1, 12, 12, generator=g), torch.randint(0, 10, (40,),
+                                                                                              generator=g))
     settings = AnalysisSettings(eps=0.05, batch_size=16, power_iterations=3, pictures=4, progress=False)
-    return analyze(model, ds, settings)
+    return analyze(model, batch_source(ds, settings.seed, Context(0, 1, torch.device("cpu"))), len(ds), settings)
 
 
 def test_table1_conditional_means_recombine_and_histograms_add_up(analysis):

@@ -15,10 +15,10 @@ import typing
 import pytest
 import torch
 import yaml
-from conftest import TINY, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import TINY, run_cli
 from natgrad import config
 from natgrad.errors import UserError
 
@@ -156,7 +156,8 @@ def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, 
     shutil.copytree(run_dir, run)
     marker = tmp_path / "pwned"
     torch.save({"model": _Payload(str(marker)), "step": 0}, run / "checkpoints" / "last.pt")
-    code, err = run_cli(["train", "fmnist-natural", *TINY, "epochs=1", "--resume", "--out", str(run), "--quiet"], capsys)
+    code, err = run_cli(["train", "fmnist-natural", *TINY, "epochs=1", "--resume", "--out", str(run), "--quiet"],
+                        capsys)
     assert code == 2 and "refused without running it" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists()
     # the check of the test itself: an unrestricted pickle load does run the payload
@@ -169,7 +170,8 @@ def test_truncated_and_foreign_files_are_refused(tmp_path, capsys, run_dir):
     shutil.copytree(run_dir, run)
     last = run / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:200])
-    code, err = run_cli(["train", "fmnist-natural", *TINY, "epochs=1", "--resume", "--out", str(run), "--quiet"], capsys)
+    code, err = run_cli(["train", "fmnist-natural", *TINY, "epochs=1", "--resume", "--out", str(run), "--quiet"],
+                        capsys)
     assert code == 2 and "is not a valid natgrad checkpoint" in err and len(err.strip().splitlines()) == 1
 
     weights = run / "model.safetensors"

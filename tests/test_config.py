@@ -37,7 +37,8 @@ def test_paper_recipes_carry_appendix_g_numbers():
 
 
 def test_overrides_and_fractions():
-    cfg = config.load("fmnist-gradnorm", ["eps=4/255", "model.act=silu", "data.limit_train=100", "gradnorm.gn_weight=1.4"])
+    cfg = config.load("fmnist-gradnorm", ["eps=4/255", "model.act=silu", "data.limit_train=100",
+                                          "gradnorm.gn_weight=1.4"])
     assert cfg.eps == pytest.approx(4 / 255) and cfg.model.act == "silu"
     assert cfg.data.limit_train == 100 and cfg.gradnorm.gn_weight == 1.4
     # a key's last part is enough where only one key ends with it (the paper's "gn_weight=1.4")

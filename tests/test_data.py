@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
+from conftest import run_cli
 from natgrad import config, data
 from natgrad.data import EpochBatches
 from natgrad.errors import UserError
@@ -28,7 +28,7 @@ def test_fashion_mnist_matches_torchvision_reader(tmp_path, fmnist):
     ds = data.build(config.load("fmnist-natural", ["data.limit_eval=50"]), "test")
     x, y = ds[0]
     assert len(ds) == 50 and x.shape == (1, 28, 28) and x.dtype == torch.float32
-    assert 0.0 <= x.min() and x.max() <= 1.0 and 0 <= y < 10
+    assert x.min() >= 0.0 and x.max() <= 1.0 and 0 <= y < 10
 
 
 def test_truncated_idx_names_the_file(tmp_path):
@@ -93,7 +93,7 @@ def test_rand_augment_at_full_severity_works_with_current_pillow():
     image = Image.new("RGB", (32, 32), (200, 100, 50))
     for _ in range(20):  # 8 ops per image at magnitude 10: Posterize comes up
         out = transform(image)
-        assert out.shape == (3, 32, 32) and 0 <= out.min() and out.max() <= 1
+        assert out.shape == (3, 32, 32) and out.min() >= 0 and out.max() <= 1
     assert data._posterize(image, 0).getextrema() == ((0, 0),) * 3
     assert data._posterize(image, 8) is image
 
@@ -142,7 +142,10 @@ def test_holdout_splits_the_training_set_and_replaces_the_test_set():
     train, held = data.build(cfg, "train"), data.build(cfg, "test")
     assert len(train) == 192 and len(held) == 64
     full = data.build(config.load("fmnist-natural", ["data.name=synthetic", "data.synthetic_size=256"]), "train")
-    as_bytes = lambda ds: {ds[i][0].numpy().tobytes() for i in range(len(ds))}
+
+    def as_bytes(ds):
+        return {ds[i][0].numpy().tobytes() for i in range(len(ds))}
+
     assert as_bytes(train).isdisjoint(as_bytes(held)) and as_bytes(train) | as_bytes(held) == as_bytes(full)
     assert as_bytes(data.build(cfg, "test")) == as_bytes(held)  # the same images every time
     with pytest.raises(UserError, match="holdout=256 leaves no training images"):

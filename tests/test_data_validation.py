@@ -129,7 +129,8 @@ FILES = [stem for pair in data.FASHION_FILES.values() for stem in pair]
 def _write_idx(path: Path, array: np.ndarray, ndim: int | None = None) -> Path:
     """An unsigned-byte IDX file (gzipped where the name ends in .gz); ``ndim`` may lie about the array."""
     shape = array.shape if ndim is None else array.shape[:ndim]
-    raw = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape) + array.astype(np.uint8).tobytes()
+    raw = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4,
+                                                             "big") for d in shape) + array.astype(np.uint8).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
     return path

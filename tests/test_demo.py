@@ -7,15 +7,16 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_cli
 
+from conftest import TINY, run_cli
 from natgrad import demo, pipeline
-from natgrad.demo import RECIPES, DemoSettings, run_demo
+from natgrad.demo import RECIPES, run_demo
 from natgrad.errors import UserError
 from natgrad.evaluation import default_sweep_eps
+from natgrad.pipeline import PipelineSettings, check_out
 
 # Everything shrunk; eps 0.3 so that the tiny models are not robust and AutoAttack stops early.
-SMALL = DemoSettings(epochs=1, limit_train=256, limit_eval=64, n_eval=32, n_sweep=16, sweep_to=2.0, n_autoattack=4,
+SMALL = PipelineSettings(epochs=1, limit_train=256, limit_eval=64, n_eval=32, n_sweep=16, sweep_to=2.0, n_autoattack=4,
                      autoattack_batch=2, square_queries=20, pgd_steps=2, n_analysis=8, power_iterations=2,
                      bench_steps=1, bench_warmup=0, overrides=(*TINY, "eps=0.3"))
 
@@ -77,7 +78,8 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
         assert 0 <= row["clean_acc"] <= 1 and 0 <= row["autoattack_acc"] <= row["clean_acc"]
         assert math.isfinite(row["l1_mean"]) and row["l1_mean"] > 0
     assert state["rows"][2]["relative_to_pgd"] == 1.0
-    assert state["rows"][1]["flops_relative_to_pgd"] > state["rows"][0]["flops_relative_to_pgd"]  # GradNorm does more work
+    # GradNorm does more work
+    assert state["rows"][1]["flops_relative_to_pgd"] > state["rows"][0]["flops_relative_to_pgd"]
 
     # the summary table is printed, and the report embeds it with the report's own tables
     summary = demo.format_summary(state["rows"])
@@ -118,14 +120,14 @@ def test_demo_refuses_other_settings(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "demo.json").write_text(json.dumps({"format": demo.MARKER, "settings": SMALL.as_json(), "stages": {}}))
-    assert demo.check_demo_out(out, SMALL)["stages"] == {}
-    other = DemoSettings(**{**SMALL.__dict__, "n_autoattack": 16})
+    assert check_out(out, demo.MARKER, demo.DEMO_FILE, SMALL.as_json())["stages"] == {}
+    other = PipelineSettings(**{**SMALL.__dict__, "n_autoattack": 16})
     with pytest.raises(UserError, match="other settings.*n_autoattack: 4 -> 16"):
         run_demo(out, other, progress=False, log=lambda _: None)
     assert [p.name for p in out.iterdir()] == ["demo.json"]
     (out / "demo.json").write_text("{}")
     with pytest.raises(UserError, match="did not write"):
-        demo.check_demo_out(out, SMALL)
+        check_out(out, demo.MARKER, demo.DEMO_FILE, SMALL.as_json())
 
 
 def test_a_signal_during_a_stage_says_to_run_the_same_command_again(tmp_path, monkeypatch, capsys):

@@ -1,16 +1,16 @@
 """natgrad eval: attacks, sweeps, sanity checks, sharding, bad input."""
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import TINY, run_cli
 from torch import nn
 
+from conftest import TINY, run_cli
 from natgrad import evaluation as rb
 from natgrad.engine.distributed import Context
 
@@ -31,7 +31,8 @@ def _eval(run, tmp_path, *args):
 
 
 def _acc(report, attack, eps=None):
-    return next(r["robust_acc"] for r in report["results"] if r["attack"] == attack and (eps is None or r["eps"] == eps))
+    return next(r["robust_acc"] for r in report["results"]
+                if r["attack"] == attack and (eps is None or r["eps"] == eps))
 
 
 def test_attack_ordering_and_eps_zero(trained, tmp_path):
@@ -62,7 +63,8 @@ def test_eps_sweep_falls_to_chance_and_draws_a_figure(trained, tmp_path):
 
 
 def test_two_processes_give_the_counts_of_one(trained, tmp_path):
-    args = ["eval", str(trained), "--num-images", "51", "--batch-size", "16", "--attacks", "clean,pgd", "--pgd-steps", "5",
+    args = ["eval", str(trained), "--num-images", "51", "--batch-size", "16", "--attacks", "clean,pgd", "--pgd-steps",
+            "5",
             "--device", "cpu", "--quiet"]
     assert run_cli([*args, "--json", str(tmp_path / "one.json")])[0] == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -116,7 +118,8 @@ def test_every_attack_restores_the_train_mode(mode):
 def test_randomness_check_flags_dropout_left_on():
     ctx = Context(0, 1, torch.device("cpu"))
     settings = rb.EvalSettings(attacks=[], eps=[0.1], pgd_steps=(2,), batch_size=8, progress=False)
-    checks = rb.sanity_checks(_Probe(dropout_always=True), _Images(), settings, ctx, num_classes=4, only=["deterministic"])
+    checks = rb.sanity_checks(_Probe(dropout_always=True), _Images(), settings, ctx, num_classes=4,
+                              only=["deterministic"])
     assert checks[0]["status"] == "WARN" and "randomness" in checks[0]["detail"]
     assert rb.sanity_checks(_Probe(), _Images(), settings, ctx, 4, only=["deterministic"])[0]["status"] == "PASS"
 
@@ -137,7 +140,8 @@ def test_mismatched_checkpoint_and_transfer_source(trained, tmp_path, capsys):
     code, err = run_cli(["eval", str(trained / "model.safetensors"), "--recipe", "cifar10-prn18-natural"], capsys)
     assert code == 2 and "does not fit this model" in err
     other = tmp_path / "rgb"
-    assert run_cli(["train", "fmnist-natural", *TINY, "data.channels=3", "epochs=1", "--out", str(other), "--quiet"])[0] == 0
+    assert run_cli(["train", "fmnist-natural", *TINY, "data.channels=3", "epochs=1", "--out", str(other),
+                    "--quiet"])[0] == 0
     code, err = run_cli(["eval", str(trained), "--attacks", "transfer", "--source", str(other), "--quiet"], capsys)
     assert code == 2 and "same input shape" in err
 
@@ -174,7 +178,8 @@ def test_sanity_report_reuses_the_evaluation_and_exports_robustbench(trained, tm
 
 
 def test_robustbench_json_without_autoattack_fails_before_attacking(trained, tmp_path, capsys):
-    code, err = run_cli(["eval", str(trained), "--attacks", "clean,pgd", "--robustbench-json", str(tmp_path / "rb.json"),
+    code, err = run_cli(["eval", str(trained), "--attacks", "clean,pgd", "--robustbench-json",
+                         str(tmp_path / "rb.json"),
                          "--quiet"], capsys)
     assert code == 2 and "needs the clean and autoattack results" in err and not (tmp_path / "rb.json").exists()
 
@@ -193,7 +198,8 @@ def test_autoattack_plus_runs_its_attacks_in_order(trained, tmp_path):
 def test_autoattack_resumes_from_its_state_folder(trained, tmp_path, monkeypatch):
     from pyautoattack import AutoAttack
 
-    args = ("--attacks", "autoattack-custom", "--aa-attacks", "apgd-ce,square", "--square-queries", "100", "--eps", "0.3",
+    args = ("--attacks", "autoattack-custom", "--aa-attacks", "apgd-ce,square", "--square-queries", "100", "--eps",
+            "0.3",
             "--aa-state", str(tmp_path / "state"))
     first = _eval(trained, tmp_path, *args)
     assert len(list((tmp_path / "state").glob("*.pt"))) == 4  # 50 images in batches of 16

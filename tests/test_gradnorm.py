@@ -86,7 +86,8 @@ def test_gradnorm_runs_on_timm_vit():
 
 
 def test_gradnorm_runs_on_timm_swin():
-    model = models.create("swin_tiny_patch4_window7_224", 10, img_size=56, depths=(1, 1), num_heads=(2, 4), embed_dim=32)
+    model = models.create("swin_tiny_patch4_window7_224", 10, img_size=56, depths=(1, 1), num_heads=(2, 4),
+                          embed_dim=32)
     _gradnorm_step(model, 56)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import TINY, assert_same_weights, weights
 
 KILLS = 20
@@ -33,7 +34,8 @@ def _start(out: Path, resume: bool) -> subprocess.Popen:
 def _kill_during_a_checkpoint_write(proc: subprocess.Popen, out: Path, timeout: float) -> bool:
     """Poll for a new temporary file of an atomic write and kill the moment one exists."""
     def temporary() -> set[str]:
-        return {str(p) for f in (out, out / "checkpoints") if f.is_dir() for p in f.iterdir() if p.name.endswith(".tmp")}
+        return {str(p) for f in (out,
+                                 out / "checkpoints") if f.is_dir() for p in f.iterdir() if p.name.endswith(".tmp")}
 
     stale = temporary()
     end = time.monotonic() + timeout
@@ -73,7 +75,10 @@ def test_twenty_sigkills_then_resume_equal_one_uninterrupted_run(tmp_path):
     assert during_writes >= 3, f"only {during_writes} kills landed during a write"
     for name in ("model.safetensors", "model_ema.safetensors"):
         assert_same_weights(weights(ref, name), weights(out, name))
-    strip = lambda m: {k: v for k, v in m.items() if "seconds" not in k and k not in ("elapsed", "images_per_s")}
+
+    def strip(m):
+        return {k: v for k, v in m.items() if "seconds" not in k and k not in ("elapsed", "images_per_s")}
+
     metrics = [[strip(json.loads(line)) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, out)]
     assert metrics[0] == metrics[1]
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)

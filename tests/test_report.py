@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
 
-from natgrad import config
-from natgrad import files
+from conftest import run_cli
+from natgrad import config, files
 from natgrad.errors import UserError
 from natgrad.report import build_report, write_report
 from natgrad.report.formatting import compact, eps_text, mean_std, pct

@@ -8,18 +8,18 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TINY, run_cli, weights
 
+from conftest import TINY, run_cli, weights
 from natgrad import reproduce
 from natgrad.errors import UserError
-from natgrad.pipeline import Sizes
+from natgrad.pipeline import PipelineSettings
 from natgrad.reproduce import check_claims, quality_bar, run_reproduce
 
 # Every recipe of the grid on the tiny synthetic stand-in, with a small model in place of the paper's
 # (the activation of each recipe is kept); eps 0.3 so that AutoAttack stops early.
 SYNTHETIC = (*[o for o in TINY if not o.startswith("data.channels")], "data.channels=3", "data.num_workers=0",
              "model.name=cnn-small", "eps=0.3")
-SMALL = Sizes(epochs=1, limit_train=None, limit_eval=16, n_eval=16, n_sweep=8, sweep_to=2.0, n_autoattack=4,
+SMALL = PipelineSettings(epochs=1, limit_train=None, limit_eval=16, n_eval=16, n_sweep=8, sweep_to=2.0, n_autoattack=4,
               autoattack_batch=4, square_queries=10, pgd_steps=2, n_analysis=4, power_iterations=1, bench_steps=1,
               bench_warmup=0)
 
@@ -57,7 +57,7 @@ def _verdicts(rows: list[dict]) -> dict[int, str]:
 
 
 def test_every_claim_holds_on_paper_like_numbers():
-    assert _verdicts(_paper_like_rows()) == {k: "holds" for k in range(1, 11)}
+    assert _verdicts(_paper_like_rows()) == dict.fromkeys(range(1, 11), "holds")
 
 
 @pytest.mark.parametrize("claim,model,key,value", [
@@ -165,7 +165,8 @@ def test_grid_end_to_end_on_synthetic_data(tmp_path, dataset):
 
 def test_bad_input_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "r"
-    for args, message in ((["reproduce", "cifar", "--out", str(out)], "unknown dataset 'cifar' (did you mean cifar10?)"),
+    for args, message in ((["reproduce", "cifar", "--out", str(out)], "unknown dataset 'cifar' (did you mean "
+                                                                      "cifar10?)"),
                           (["reproduce", "fmnist", "--budget", "long", "--out", str(out)], "unknown budget 'long'"),
                           (["reproduce", "fmnist", "--out", str(out), "gradnorm.gn_weight=-1"], "gn_weight"),
                           (["reproduce", "fmnist", "--out", str(out), "epochs=x"], "epochs")):

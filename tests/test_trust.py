@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, assert_same_weights, run_cli, weights
 from safetensors.torch import load_file, save_file
 
+from conftest import TINY, assert_same_weights, run_cli, weights
 from natgrad import config, pipeline
 from natgrad import evaluation as rb
 from natgrad.errors import Preempted, UserError
@@ -324,7 +324,8 @@ def test_files_natgrad_did_not_write_are_left_alone(run_a, tmp_path, capsys):
     shutil.move(run / "metrics.jsonl", elsewhere)
     (run / "metrics.jsonl").symlink_to(elsewhere)
     before = elsewhere.read_text()
-    code, err = run_cli(["train", "fmnist-natural", *TINY, "epochs=2", "--quiet", "--resume", "--out", str(run)], capsys)
+    code, err = run_cli(["train", "fmnist-natural", *TINY, "epochs=2", "--quiet", "--resume", "--out", str(run)],
+                        capsys)
     _one_line_error(code, err, "symbolic link")
     assert elsewhere.read_text() == before
 
@@ -355,7 +356,8 @@ def test_destinations_are_checked_before_the_work(run_a, tmp_path, capsys, monke
     folder.mkdir()
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    for args, fragment in ((["--json", str(folder)], "is a folder"), (["--attacks", "eps-sweep", "--plots", str(a_file)],
+    for args, fragment in ((["--json", str(folder)], "is a folder"), (["--attacks", "eps-sweep", "--plots",
+                                                                       str(a_file)],
                                                                       "is a file, not a folder"),
                            (["--robustbench-json", str(folder)], "is a folder")):
         code, err = run_cli(["eval", str(run_a), *args], capsys)

@@ -28,7 +28,7 @@ _PUBLIC = {
     "evaluate": ("natgrad.evaluation", "evaluate"),
     "train": ("natgrad.engine.train", "train"),
     "UserError": ("natgrad.errors", "UserError"),
-    "input_gradient": ("natgrad.objectives.gradnorm", "input_gradient"),
+    "input_gradient": ("natgrad.gradients", "input_gradient"),
 }
 __all__ = sorted(_PUBLIC)
 

@@ -19,13 +19,12 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from natgrad import models, objectives
+from natgrad.choices import DEVICES
 from natgrad.config import RunConfig
 from natgrad.datainfo import info
 from natgrad.digest import model_digest
 from natgrad.engine.checkpoint import load_weights
 from natgrad.errors import UserError
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def select_device(name: str, local_rank: int = 0) -> torch.device:

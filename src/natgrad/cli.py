@@ -10,15 +10,22 @@ import typing
 from pathlib import Path
 
 from natgrad import config, evaluation
-from natgrad.analysis.analyze import ANALYSES
+from natgrad.analysis.analyze import ANALYSES, AnalysisSettings, check_out, parse_analyses, write_analysis
+from natgrad.data import num_images
+from natgrad.demo import run_demo
+from natgrad.engine import bench
+from natgrad.engine import checkpoint as ckpt
+from natgrad.engine.distributed import setup
+from natgrad.engine.train import train
 from natgrad.errors import Preempted, UserError
 from natgrad.evaluation import write_or_keep as _write_or_keep
+from natgrad.report import write_report
+from natgrad.reproduce import run_reproduce
 from natgrad.rundir import ANALYSIS, refuse_symlinks
 from natgrad.signals import StopSignals
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from natgrad.engine.train import train
 
     cfg = config.load(args.recipe, args.overrides)
     if args.resume and not args.out:
@@ -74,15 +81,6 @@ def _path(text: str | None) -> Path | None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from natgrad.analysis.analyze import (
-        AnalysisSettings,
-        analyze,
-        check_out,
-        parse_analyses,
-        write_analysis,
-    )
-    from natgrad.engine import checkpoint as ckpt
-    from natgrad.engine.distributed import setup
 
     analyses = parse_analyses(args.analyses)
     if args.n is not None and args.n < 1:
@@ -104,13 +102,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     ctx = setup(args.device)
     loaded = evaluation.load_model(source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
     ds = evaluation.eval_dataset(loaded.cfg, args.n if args.n is not None
-                                 else min(1000, len(evaluation.eval_dataset(loaded.cfg, None))))
+                                 else min(1000, num_images(evaluation.eval_dataset(loaded.cfg, None))))
     settings = AnalysisSettings(eps=eps[0] if eps else loaded.cfg.eps, analyses=analyses, batch_size=args.batch_size,
                                 power_iterations=args.power_iterations, seed=args.seed, progress=not args.quiet)
-    summary, arrays = analyze(loaded.model, ds, settings, ctx.device)
-    summary = {"model": loaded.name, "method": loaded.cfg.method, "architecture": loaded.cfg.model.name,
-               "dataset": loaded.cfg.data.name, **summary}
-    summary = {**summary, "weights": str(loaded.weights), "weights_sha256": loaded.sha256}
+    summary, arrays = evaluation.analyze_model(loaded, ds, settings)
     text = json.dumps(summary, indent=2, default=str)
     _write_or_keep(lambda: write_analysis(summary, arrays, out), text, out / "analysis.json", "analysis numbers")
     path = out / "analysis.json"
@@ -123,8 +118,10 @@ def _analysis_table(summary: dict) -> str:
     """The headline numbers of each analysis, one per line."""
     lines = []
     if g := summary.get("gradients"):
-        lines.append(f"gradients   E[L1] {g['l1_mean']:.4g}  (PGD-{g['pgd_steps']} fails {g['l1_mean_attack_fails']:.4g}, "
-                     f"succeeds {g['l1_mean_attack_succeeds']:.4g} (nan: no such image); clean {100 * g['clean_acc']:.2f}%, "
+        lines.append(f"gradients   E[L1] {g['l1_mean']:.4g}  (PGD-{g['pgd_steps']} fails "
+                     f"{g['l1_mean_attack_fails']:.4g}, "
+                     f"succeeds {g['l1_mean_attack_succeeds']:.4g} (nan: no such image); clean "
+                     f"{100 * g['clean_acc']:.2f}%, "
                      f"PGD {100 * g['pgd_acc']:.2f}%)")
     if e := summary.get("edges"):
         lines.append(f"edges       corr saliency {e['saliency_corr_mean']:+.4f} ± {e['saliency_corr_std']:.4f}, "
@@ -152,7 +149,6 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from natgrad.report import write_report
 
     out = write_report([Path(p) for p in args.run_dirs], Path(args.out))
     print(f"natgrad: report {out}")
@@ -160,8 +156,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from natgrad.engine import bench
-    from natgrad.engine import checkpoint as ckpt
 
     if args.json:
         ckpt.check_destination(Path(args.json), "json", "--json")
@@ -178,14 +172,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from natgrad.demo import run_demo
 
     run_demo(Path(args.out))
     return 0
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from natgrad.reproduce import run_reproduce
 
     run_reproduce(args.dataset, args.out, budget=args.budget, overrides=tuple(args.overrides), progress=not args.quiet)
     return 0
@@ -227,17 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recipe", help="the recipe a .safetensors file was trained with")
     e.add_argument("--model", help="override the model name of the recipe")
     e.add_argument("--attacks", default="clean,pgd,autoattack",
-                   help="comma-separated: clean, pgd, pgd-l2dir, autoattack, autoattack-plus, autoattack-custom, transfer, "
+                   help="comma-separated: clean, pgd, pgd-l2dir, autoattack, autoattack-plus, autoattack-custom, "
+                        "transfer, "
                         "eps-sweep, steps-sweep (default clean,pgd,autoattack)")
     e.add_argument("--eps", help="comma-separated eps in pixel units, e.g. 1/255,2/255,4/255 (default: the recipe's)")
     e.add_argument("--n", "--num-images", dest="n", type=int,
-                   help="a fixed seeded subset of this many test images (default: all); under torchrun write --num-images, "
+                   help="a fixed seeded subset of this many test images (default: all); under torchrun write "
+                        "--num-images, "
                         "since torchrun takes --n for its own --nnodes")
     e.add_argument("--pgd-steps", default="10,100", help="PGD step counts (default 10,100; step eps/4)")
     e.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
     e.add_argument("--aa-attacks", help="autoattack-custom's attacks, e.g. apgd-ce,square")
     e.add_argument("--square-queries", type=int, help="Square's query budget (default AutoAttack's 5000)")
-    e.add_argument("--aa-state", metavar="DIR", help="AutoAttack saves its progress in DIR after each attack and batch; "
+    e.add_argument("--aa-state", metavar="DIR", help="AutoAttack saves its progress in DIR after each attack and "
+                                                     "batch; "
                    "rerunning the same command resumes from it")
     e.add_argument("--source", dest="transfer_source", help="transfer: the run folder the examples are made on")
     e.add_argument("--sanity", action="store_true", help="also run Appendix C's sanity checks")
@@ -278,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run folders written by `natgrad train`")
     p.add_argument("--out", metavar="FILE", default="report.html", help="the HTML file to write (default report.html)")
     p.set_defaults(func=_cmd_report)
-    b = sub.add_parser("bench", help="seconds, passes and memory of one training step per method (Table 3)", description=(
+    b = sub.add_parser("bench", help="seconds, passes and memory of one training step per method (Table "
+                                     "3)", description=(
         "Time one full optimizer step of each method on the same model and random batch, interleaved round-robin; "
         "report the median seconds per step, the ratio to PGD, the counted forward and backward passes and the "
         "peak memory. The objectives' parameters come from --recipe; key=value arguments override its keys."))
@@ -298,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_bench)
     d = sub.add_parser("demo", help="natural, GradNorm and PGD-3 on Fashion-MNIST in minutes, with a report",
-                        description=("Train a natural, a GradNorm and a PGD-3 model on Fashion-MNIST (short schedules), "
+                        description=("Train a natural, a GradNorm and a PGD-3 model on Fashion-MNIST (short "
+                                     "schedules), "
                                      "evaluate them (clean, AutoAttack, PGD eps sweep), measure each method's cost per "
                                      "step, run the gradient analyses and write DIR/report.html; about 7 minutes on a "
                                      "2-core CPU. Run again on the same DIR to continue where it stopped."))

@@ -21,13 +21,23 @@ from typing import Any
 
 import yaml
 
+from natgrad.choices import (
+    DATASETS,
+    DEVICES,
+    EDGE_COSINES,
+    EDGE_STUDENTS,
+    EDGE_TEACHERS,
+    ERASE_MODES,
+    GRADNORM_NORMS,
+    INPUT_NOISES,
+    INTERPOLATIONS,
+    METHODS,
+    MIXUP_MODES,
+    ON_NONFINITE,
+    SCHEDULES,
+)
 from natgrad.datainfo import info
 from natgrad.errors import UserError, check_choice, did_you_mean, short
-from natgrad.objectives.edge import COSINES, STUDENTS, TEACHERS
-from natgrad.objectives.gradnorm import NOISES, NORMS
-
-METHODS = ("natural", "gradnorm", "gradnorm-fd", "pgd", "fgsm", "edge")
-DATASETS = ("fashion-mnist", "cifar10", "imagenet", "synthetic")
 
 
 @dataclass
@@ -108,7 +118,8 @@ class GradNormConfig:
 
 @dataclass
 class AttackConfig:
-    """PGD adversarial training (Appendix G: 3 steps of 2*eps/3), FGSM training (one step of 1.25*eps from a random start),
+    """PGD adversarial training (Appendix G: 3 steps of 2*eps/3), FGSM training (one step of 1.25*eps from a random
+    start),
     and gradnorm.input_noise=pgd."""
 
     steps: int = 3  # PGD steps (FGSM always takes one)
@@ -192,7 +203,7 @@ class _StrictLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping and aliases (``*name``): a config
     has no use for them, and nested aliases expand exponentially (a few hundred bytes can fill memory)."""
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
             raise yaml.YAMLError(f"line {mark.line + 1}: YAML aliases (*name) are not accepted in a config; "
@@ -254,7 +265,8 @@ def _load_recipe_dict(name_or_path: str, _seen: tuple[str, ...] = (), base_dir: 
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
         if not path.is_file():
-            raise UserError(f"recipe file {path} does not exist; give a path to a YAML file or a name from `natgrad recipes`")
+            raise UserError(f"recipe file {path} does not exist; give a path to a YAML file or a name from `natgrad "
+                            f"recipes`")
         data = read_yaml_mapping(path, f"recipe file {path}")
         name_or_path, base_dir = str(path), path.parent
     else:
@@ -308,11 +320,13 @@ def _unknown_key(key: str) -> UserError:
         close = by_leaf[leaf[0]][:1] if leaf else []
     hint_text = f"; did you mean {close[0]}?" if close else ""
     sections = sorted({k.split(".")[0] for k in keys})
-    return UserError(f"unknown config key {short(key)}{hint_text} (keys: {', '.join(sections)}; `natgrad recipes --keys` lists all)")
+    return UserError(f"unknown config key {short(key)}{hint_text} (keys: {', '.join(sections)}; `natgrad recipes "
+                     f"--keys` lists all)")
 
 
 def resolve_key(key: str) -> str:
-    """The dotted key ``key`` names: itself, or the one key whose last part it is (``gn_weight`` -> ``gradnorm.gn_weight``)."""
+    """The dotted key ``key`` names: itself, or the one key whose last part it is
+    (``gn_weight`` -> ``gradnorm.gn_weight``)."""
     keys = all_keys()
     if key in keys:
         return key
@@ -382,7 +396,8 @@ def from_dict(data: dict, cls: type = RunConfig, prefix: str = "") -> Any:
             raise _unknown_key(prefix + str(k))
         if dataclasses.is_dataclass(hints[k]):
             if not isinstance(v, dict):
-                raise UserError(f"{prefix + k} is a section; set its keys, e.g. {prefix + k}.{dataclasses.fields(hints[k])[0].name}=...")
+                raise UserError(f"{prefix + k} is a section; set its keys, e.g. "
+                                f"{prefix + k}.{dataclasses.fields(hints[k])[0].name}=...")
             kwargs[k] = from_dict(v, hints[k], prefix + k + ".")
         else:
             kwargs[k] = _coerce(prefix + k, v, hints[k])
@@ -478,7 +493,8 @@ class Range:
             if self.open_low:
                 return "must be positive" if self.low == 0 else f"must be above {number_text(self.low)}"
             return f"must be at least {number_text(self.low)}"
-        return f"must be below {number_text(self.high)}" if self.open_high else f"must be at most {number_text(self.high)}"
+        limit = number_text(self.high)
+        return f"must be below {limit}" if self.open_high else f"must be at most {limit}"
 
 
 def number_text(v: float) -> str:
@@ -492,7 +508,8 @@ PIXELS = Range(0.0, 1.0, open_low=True, note="pixel units of [0, 1] images")
 RANGES: dict[str, Range] = {
     "epochs": Range(1, 1_000_000), "batch_size": Range(1, 2**20), "lr": Range(0.0, 10.0, open_low=True),
     "eps": Range(0.0, 1.0, note="eps is in pixel units of [0, 1] images (e.g. eps=4/255)", interval=True),
-    "seed": Range(0, 2**32 - 1), "ema_decay": Range(0.0, 1.0, True, True, interval=True), "checkpoint_every": Range(0, 2**40,
+    "seed": Range(0, 2**32 - 1), "ema_decay": Range(0.0, 1.0, True, True, interval=True),
+    "checkpoint_every": Range(0, 2**40,
     note="0: at epoch ends only"), "stop_after": Range(1, 1_000_000),
     "data.limit_train": Range(1, 2**40, note="or null for the whole set"),
     "data.limit_eval": Range(1, 2**40, note="or null for the whole set"),
@@ -519,12 +536,10 @@ RANGES: dict[str, Range] = {
     "eval.batch_size": Range(1, 2**16),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS, "data.name": DATASETS, "device": ("auto", "cpu", "cuda"), "optim.sched": ("cosine", "none"),
-    "on_nonfinite": ("stop", "skip"), "aug.mixup_mode": ("batch", "pair", "elem"),
-    "aug.remode": ("const", "rand", "pixel"),
-    "aug.interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"),
-    "gradnorm.norm": NORMS, "gradnorm.input_noise": NOISES,
-    "edge.student": STUDENTS, "edge.teacher": TEACHERS, "edge.cosine": COSINES,
+    "method": METHODS, "data.name": DATASETS, "device": DEVICES, "optim.sched": SCHEDULES,
+    "on_nonfinite": ON_NONFINITE, "aug.mixup_mode": MIXUP_MODES, "aug.remode": ERASE_MODES,
+    "aug.interpolation": INTERPOLATIONS, "gradnorm.norm": GRADNORM_NORMS, "gradnorm.input_noise": INPUT_NOISES,
+    "edge.student": EDGE_STUDENTS, "edge.teacher": EDGE_TEACHERS, "edge.cosine": EDGE_COSINES,
 }
 
 
@@ -556,13 +571,18 @@ def validate(cfg: RunConfig) -> None:
     weights = cfg.gradnorm.channel_weights
     if weights is not None:
         channels = info(cfg.data).in_chans
-        _check(len(weights) == channels, f"gradnorm.channel_weights has {len(weights)} entries but {cfg.data.name} images have "
+        _check(len(weights) == channels, f"gradnorm.channel_weights has {len(weights)} entries but {cfg.data.name} "
+                                         f"images have "
                                          f"{channels} channel(s); give one weight per channel")
         _check(all(0 <= w <= 1000 for w in weights), "gradnorm.channel_weights must be in [0, 1000]")
     e = cfg.edge
-    _check(e.weight_max is None or e.weight_max >= e.weight, f"edge.weight_max={e.weight_max} must be at least edge.weight={e.weight}")
-    _check(cfg.data.root is None or Path(cfg.data.root).is_dir(), f"data.root={cfg.data.root} is not a folder; point it at the dataset's folder")
-    _check(cfg.data.val_subset is None or Path(cfg.data.val_subset).is_file(), f"data.val_subset={cfg.data.val_subset} does not exist; give a file listing validation images")
+    _check(e.weight_max is None or e.weight_max >= e.weight, f"edge.weight_max={e.weight_max} must be at least "
+                                                             f"edge.weight={e.weight}")
+    _check(cfg.data.root is None or Path(cfg.data.root).is_dir(), f"data.root={cfg.data.root} is not a folder; point "
+                                                                  f"it at the dataset's folder")
+    _check(cfg.data.val_subset is None or Path(cfg.data.val_subset).is_file(), f"data.val_subset={cfg.data.val_subset} "
+                                                                               f"does not exist; give a file listing "
+                                                                               f"validation images")
 
 
 def _check_rand_augment(spec: str) -> None:

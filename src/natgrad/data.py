@@ -11,9 +11,9 @@ import gzip
 import math
 import os
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -31,6 +31,11 @@ FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+def num_images(ds: Dataset) -> int:
+    """The number of images of a map-style dataset (typed: ``Dataset`` itself declares no ``__len__``)."""
+    return len(cast(Sized, ds))
 
 
 class Arrays(NamedTuple):
@@ -90,7 +95,8 @@ def read_idx(path: Path) -> np.ndarray:
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + math.prod(shape)  # exact: a hostile header's sizes must not wrap around
     if len(raw) != expected:
-        raise UserError(f"{path} is truncated or corrupt ({len(raw)} bytes, expected {expected}); delete it and fetch the dataset again")
+        raise UserError(f"{path} is truncated or corrupt ({len(raw)} bytes, expected {expected}); delete it and fetch "
+                        f"the dataset again")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 
 
@@ -99,7 +105,8 @@ def read_idx_shaped(path: Path, item_shape: tuple[int, ...]) -> np.ndarray:
     array = read_idx(path)
     if array.shape[1:] != item_shape or array.ndim != 1 + len(item_shape):
         want = f"(N, {', '.join(map(str, item_shape))})" if item_shape else "(N,)"
-        raise UserError(f"{path} holds an array of shape {array.shape}, not {want}; delete it and fetch the dataset again")
+        raise UserError(f"{path} holds an array of shape {array.shape}, not {want}; delete it and fetch the dataset "
+                        f"again")
     return array
 
 
@@ -162,7 +169,8 @@ def _download_fashion_mnist(root: Path) -> Path:
         torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
         torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
     except Exception as e:  # network errors come in many types
-        raise UserError(f"could not download Fashion-MNIST into {root} ({e}); `apt-get install dataset-fashion-mnist` or set data.root") from None
+        raise UserError(f"could not download Fashion-MNIST into {root} ({e}); `apt-get install dataset-fashion-mnist` "
+                        f"or set data.root") from None
     return root
 
 
@@ -176,7 +184,7 @@ def _dpkg_dirs(package: str) -> list[Path]:
 
 def _fashion_mnist(cfg: DataConfig, split: str) -> Arrays:
     folder = find_fashion_mnist(cfg)
-    image_file, label_file = (_idx_file(folder, stem) for stem in FASHION_FILES[split])
+    image_file, label_file = (cast(Path, _idx_file(folder, stem)) for stem in FASHION_FILES[split])  # found above
     return Arrays(read_idx_shaped(image_file, (28, 28)), read_idx_shaped(label_file, ()), str(label_file))
 
 
@@ -191,7 +199,8 @@ def _cifar10(cfg: DataConfig, split: str) -> Arrays:
     try:
         ds = torchvision.datasets.CIFAR10(root, train=split == "train", download=cfg.download)
     except RuntimeError:
-        raise UserError(f"CIFAR-10 not found under {root}; set data.root to the folder holding cifar-10-batches-py, or pass data.download=true where there is internet") from None
+        raise UserError(f"CIFAR-10 not found under {root}; set data.root to the folder holding cifar-10-batches-py, or "
+                        f"pass data.download=true where there is internet") from None
     return Arrays(ds.data, np.asarray(ds.targets), f"CIFAR-10 in {root}")
 
 
@@ -225,12 +234,12 @@ class SkipUnreadable(Dataset):
         self.unreadable = multiprocessing.Value("i", 0)
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return num_images(self.ds)
 
     def __getitem__(self, index: int):
-        for k in range(len(self.ds)):
+        for k in range(num_images(self.ds)):
             try:
-                return self.ds[(index + k) % len(self.ds)]
+                return self.ds[(index + k) % num_images(self.ds)]
             except self.ERRORS:
                 if k == 0:  # the image asked for; the ones tried in its place are counted when asked for
                     with self.unreadable.get_lock():
@@ -265,7 +274,8 @@ def _class_folders(folder: Path) -> list[str]:
     try:
         return find_classes(str(folder))[0]
     except FileNotFoundError:
-        raise UserError(f"{folder} has no class folders; an ImageFolder tree holds one folder of images per class") from None
+        raise UserError(f"{folder} has no class folders; an ImageFolder tree holds one folder of images per "
+                        f"class") from None
     except OSError as e:
         raise UserError(f"cannot list {folder} ({e}); check data.root") from None
 
@@ -303,12 +313,15 @@ def _imagenet(cfg: DataConfig, split: str, transform: Callable | None, num_class
         raise UserError("data.name=imagenet needs data.root: a folder with train/ and val/ ImageFolder trees")
     root = Path(cfg.root)
     folder = root / ("train" if split == "train" else "val")
-    ds = SkipUnreadable(image_folder(folder, image_folder_classes(root, num_classes), transform))
+    tree = image_folder(folder, image_folder_classes(root, num_classes), transform)
+    ds: Dataset = SkipUnreadable(tree)
     if split != "train" and cfg.val_subset:
         wanted = _lines(Path(cfg.val_subset))
-        keep = [i for i, (p, _) in enumerate(ds.ds.samples) if os.path.relpath(p, folder) in wanted or Path(p).name in wanted]
+        keep = [i for i, (p, _) in enumerate(tree.samples)
+                if os.path.relpath(p, folder) in wanted or Path(p).name in wanted]
         if not keep:
-            raise UserError(f"none of the images listed in {cfg.val_subset} are in {folder}; list paths relative to val/")
+            raise UserError(f"none of the images listed in {cfg.val_subset} are in {folder}; list paths relative to "
+                            f"val/")
         ds = Subset(ds, keep)
     return ds
 
@@ -318,7 +331,8 @@ def _lines(path: Path) -> set[str]:
     try:
         return {line.strip() for line in path.read_text().splitlines() if line.strip()}
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read data.val_subset={path} ({e}); give a text file of image paths, one a line") from None
+        raise UserError(f"cannot read data.val_subset={path} ({e}); give a text file of image paths, one a "
+                        f"line") from None
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -381,7 +395,8 @@ def train_transform(name: str, aug: AugConfig, di: DataInfo) -> Callable | None:
         from timm.data.transforms_factory import transforms_imagenet_train
 
         steps.append(_pillow_safe(transforms_imagenet_train(
-            di.image_size, hflip=aug.hflip, color_jitter=aug.color_jitter, auto_augment=aug.rand_augment,
+            di.image_size, hflip=aug.hflip, color_jitter=aug.color_jitter,  # type: ignore[arg-type]  # None: none
+            auto_augment=aug.rand_augment,
             interpolation=aug.interpolation, mean=(0.0,) * 3, std=(1.0,) * 3, re_prob=0.0,
         )))
     else:
@@ -429,9 +444,9 @@ def create_mixup(cfg: RunConfig, num_classes: int) -> Callable | None:
 
 def fixed_subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     """The first ``limit`` items of a seeded permutation: the same subset on every run."""
-    if limit is None or limit >= len(ds):
+    if limit is None or limit >= num_images(ds):
         return ds
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(num_images(ds), generator=torch.Generator().manual_seed(seed))
     return Subset(ds, sorted(perm[:limit].tolist()))
 
 
@@ -460,10 +475,11 @@ def build(cfg: RunConfig, split: str) -> Dataset:
         check_arrays(arrays, di.num_classes)
         ds = ImageArrayDataset(arrays.images, arrays.labels, transform)
     if dc.holdout:
-        if dc.holdout >= len(ds):
-            raise UserError(f"data.holdout={dc.holdout} leaves no training images (the training set has {len(ds)}); "
+        if dc.holdout >= num_images(ds):
+            raise UserError(f"data.holdout={dc.holdout} leaves no training images (the training set has "
+                            f"{num_images(ds)}); "
                             "hold out fewer")
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(HOLDOUT_SEED)).tolist()
+        perm = torch.randperm(num_images(ds), generator=torch.Generator().manual_seed(HOLDOUT_SEED)).tolist()
         ds = Subset(ds, sorted(perm[dc.holdout:] if split == "train" else perm[:dc.holdout]))
     limit = dc.limit_train if split == "train" else dc.limit_eval
     return fixed_subset(ds, limit, seed=1234 if split == "train" else 4321)
@@ -493,7 +509,7 @@ class EpochBatches:
 
 def train_loader(ds: Dataset, cfg: RunConfig, epoch: int, rank: int = 0, world: int = 1, start: int = 0) -> DataLoader:
     """This process's batches of one epoch, skipping the first ``start`` (for resuming mid-epoch)."""
-    batches = EpochBatches(len(ds), cfg.batch_size, cfg.seed, epoch, rank, world, start)
+    batches = EpochBatches(num_images(ds), cfg.batch_size, cfg.seed, epoch, rank, world, start)
     # A generator of our own keeps the loader from drawing on the global RNG (exact resume).
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     return DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers, generator=gen,

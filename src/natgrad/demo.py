@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from natgrad import config
 from natgrad.pipeline import (
     BENCH_FILE,
     Experiment,
     Grid,
-    Sizes,
+    PipelineSettings,
     check_data,
     check_out,
     check_runs,
@@ -35,6 +36,7 @@ from natgrad.pipeline import (
     summary_columns,
     write_state,
 )
+from natgrad.report import write_report
 
 MARKER = "natgrad-demo"
 RECIPES = ("fmnist-natural", "fmnist-gradnorm", "fmnist-pgd")
@@ -44,9 +46,6 @@ REPORT_FILE = "report.html"
 EXPECTED_MINUTES = 7  # the default settings on a 2-core CPU (measured 6.3 min of stages, docs/RESULTS.md)
 GRID = Grid(tuple(Experiment(r, r) for r in RECIPES), bench_recipe="fmnist-gradnorm", bench_methods=METHODS)
 
-DemoSettings = Sizes  # the demo's sizes are Sizes' defaults
-
-
 # ---------------------------------------------------------------------------- summary and report
 
 
@@ -55,8 +54,7 @@ def summary_rows(out: Path) -> list[dict]:
     return result_rows(out, GRID)
 
 
-def _notes(s: Sizes, eps: float | None) -> list[str]:
-    from natgrad import config
+def _notes(s: PipelineSettings, eps: float | None) -> list[str]:
 
     dataset = config.load(RECIPES[0], s.train_overrides()).data.name
     eps_text = "-" if eps is None else f"{eps:.4g}"
@@ -73,7 +71,7 @@ def _notes(s: Sizes, eps: float | None) -> list[str]:
     ]
 
 
-def _demo_section(s: Sizes, rows: list[dict], pgd_steps: int | None, stage_seconds: dict[str, float]) -> str:
+def _demo_section(s: PipelineSettings, rows: list[dict], pgd_steps: int | None, stage_seconds: dict[str, float]) -> str:
     e = html.escape
     eps = next((r["eps"] for r in rows if r["eps"] is not None), None)
     notes = "".join(f"<li>{e(n)}</li>" for n in _notes(s, eps))
@@ -87,10 +85,9 @@ def _demo_section(s: Sizes, rows: list[dict], pgd_steps: int | None, stage_secon
             + "</section>\n")
 
 
-def write_demo_report(out: Path, s: Sizes, rows: list[dict], pgd_steps: int | None,
+def write_demo_report(out: Path, s: PipelineSettings, rows: list[dict], pgd_steps: int | None,
                       stage_seconds: dict[str, float]) -> Path:
     """``natgrad report`` of the three run folders with the demo's summary table at its top."""
-    from natgrad.report import write_report
 
     section = _demo_section(s, rows, pgd_steps, stage_seconds)
     return write_report([out / r for r in RECIPES], out / REPORT_FILE, intro=[section])
@@ -99,9 +96,8 @@ def write_demo_report(out: Path, s: Sizes, rows: list[dict], pgd_steps: int | No
 # ---------------------------------------------------------------------------- the demo
 
 
-def describe(s: Sizes) -> str:
+def describe_demo(s: PipelineSettings) -> str:
     """What the demo will do, with its n and attacks, printed before it starts."""
-    from natgrad import config
 
     cfg = config.load(RECIPES[0], s.train_overrides())
     lines = [
@@ -116,19 +112,19 @@ def describe(s: Sizes) -> str:
     ]
     if s.overrides:
         lines.append(f"  overrides {' '.join(s.overrides)}")
-    if s == Sizes():
+    if s == PipelineSettings():
         lines.append(f"  expect   about {EXPECTED_MINUTES} minutes on a 2-core CPU, most of it AutoAttack and training")
     return "\n".join(lines)
 
 
-def run_demo(out: Path | str = Path("runs/demo"), settings: Sizes | None = None,
+def run_demo(out: Path | str = Path("runs/demo"), settings: PipelineSettings | None = None,
              progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Run every stage not yet done in ``out``; returns what ``demo.json`` holds (settings, stage times,
     summary rows, report path).
 
     Args:
         out: the demo folder: new, empty, or one an earlier run of the same settings left.
-        settings: the sizes (default :class:`DemoSettings`).
+        settings: the sizes (default :class:`PipelineSettings`).
         progress: progress bars and the stages' own output.
         log: where banners and the summary go (default ``print``).
 
@@ -136,7 +132,7 @@ def run_demo(out: Path | str = Path("runs/demo"), settings: Sizes | None = None,
         UserError: ``out`` exists and is not a demo folder of these settings (nothing is touched).
     """
     out = Path(out)
-    s = settings or DemoSettings()
+    s = settings or PipelineSettings()
     say = log or (lambda text: print(text, flush=True))
     saved = check_out(out, MARKER, DEMO_FILE, s.as_json())
     check_runs(out, GRID, s)
@@ -147,7 +143,7 @@ def run_demo(out: Path | str = Path("runs/demo"), settings: Sizes | None = None,
     write_state(out, DEMO_FILE, state)
 
     continuing = " (continuing: finished stages are skipped)" if saved else ""
-    say(f"natgrad demo into {out}{continuing}\n" + describe(s))
+    say(f"natgrad demo into {out}{continuing}\n" + describe_demo(s))
     start = time.perf_counter()
     stage_seconds = run_stages(out, "natgrad demo", DEMO_FILE, state, todo, say)
     say(f"[{len(todo) + 1}/{len(todo) + 1}] report")
@@ -167,11 +163,5 @@ def run_demo(out: Path | str = Path("runs/demo"), settings: Sizes | None = None,
     return state
 
 
-def check_demo_out(out: Path, s: Sizes) -> dict | None:
-    """The saved ``demo.json`` of ``out`` (None when new or empty); a UserError when ``out`` is not a demo
-    folder or was made with other settings. Touches nothing."""
-    return check_out(out, MARKER, DEMO_FILE, s.as_json())
-
-
-__all__ = ["DemoSettings", "check_demo_out", "describe", "format_summary", "run_demo", "summary_rows",
+__all__ = ["describe_demo", "format_summary", "run_demo", "summary_rows",
            "write_demo_report"]

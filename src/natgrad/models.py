@@ -7,6 +7,7 @@ dataset's standardized space inside the model, so attacks and epsilons live in p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -26,6 +27,9 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
 
 class Normalize(nn.Module):
     """(x - mean) / std with per-channel statistics; the first layer of every natgrad model."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -166,7 +170,7 @@ def create(
     bn_eval: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> Classifier:
     """Create a model that takes [0, 1] images.
 
@@ -186,7 +190,8 @@ def create(
     else:
         if not timm.is_model(name):
             hint = did_you_mean(name, list(BUILTIN) + timm.list_models())
-            raise UserError(f"unknown model {name!r}{hint}; use cnn-small, preact-resnet18 or a name from timm.list_models()")
+            raise UserError(f"unknown model {name!r}{hint}; use cnn-small, preact-resnet18 or a name from "
+                            f"timm.list_models()")
         net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         default_mean = tuple(cfg.get("mean", (0.5,) * 3))[:in_chans] if in_chans == 3 else (0.5,) * in_chans

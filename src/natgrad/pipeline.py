@@ -16,6 +16,7 @@ interrupted one (training from its last checkpoint, AutoAttack from its last fin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,7 +25,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from natgrad import evaluation
+from natgrad import config, data, evaluation
+from natgrad.analysis.analyze import AnalysisSettings, write_analysis
+from natgrad.engine import bench
+from natgrad.engine import checkpoint as ckpt
+from natgrad.engine.checkpoint import atomic_write_text
+from natgrad.engine.distributed import barrier, setup
+from natgrad.engine.train import CHECKPOINT, train
 from natgrad.errors import Preempted, UserError
 from natgrad.rundir import RunDir
 
@@ -37,7 +44,7 @@ def is_main_process() -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sizes:
+class PipelineSettings:
     """How much of everything; the defaults are the demo's (about 7 minutes on a 2-core CPU).
 
     ``epochs`` and ``limit_train`` None keep each recipe's schedule and the whole training set.
@@ -71,7 +78,8 @@ class Sizes:
 
     def schedule(self) -> str:
         """The training schedule in words."""
-        epochs = "the recipe's epochs" if self.epochs is None else f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        plural = "s" if self.epochs != 1 else ""
+        epochs = "the recipe's epochs" if self.epochs is None else f"{self.epochs} epoch{plural}"
         images = "all training images" if self.limit_train is None else f"{self.limit_train} training images"
         return f"{epochs} of {images}"
 
@@ -90,9 +98,8 @@ class Experiment:
     init: str | None = None
     label: str = ""  # a few words for tables; default the name
 
-    def config(self, sizes: Sizes, out: Path, with_init: bool = True):
+    def config(self, sizes: PipelineSettings, out: Path, with_init: bool = True):
         """The run configuration; ``with_init=False`` checks it before the weights to fine-tune exist."""
-        from natgrad import config
 
         init = [f"init={out / self.init}"] if self.init and with_init else []
         return config.load(self.recipe, [*sizes.train_overrides(), *self.overrides, *init, *sizes.overrides])
@@ -159,10 +166,9 @@ def _differences(old: object, new: object, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def check_runs(out: Path, grid: Grid, sizes: Sizes) -> None:
+def check_runs(out: Path, grid: Grid, sizes: PipelineSettings) -> None:
     """A UserError when a run folder of ``out`` was trained with another configuration than its experiment
     gives now (a recipe changed since): its results would not belong to this grid."""
-    from natgrad import config
 
     for e in grid.experiments:
         if (out / e.name / "config.yaml").is_file():
@@ -173,16 +179,14 @@ def check_runs(out: Path, grid: Grid, sizes: Sizes) -> None:
                                 f"({'; '.join(diff[:3])}); give a new --out to run the grid again")
 
 
-def check_data(grid: Grid, sizes: Sizes, out: Path) -> None:
+def check_data(grid: Grid, sizes: PipelineSettings, out: Path) -> None:
     """Fail before anything is written when the grid's dataset cannot be read (missing, or not where
     data.root says)."""
-    from natgrad import data
 
     data.build(grid.experiments[0].config(sizes, out, with_init=False), "test")
 
 
 def write_state(out: Path, state_file: str, state: dict) -> None:
-    from natgrad.engine.checkpoint import atomic_write_text
 
     atomic_write_text(out / state_file, json.dumps(state, indent=2))
 
@@ -190,8 +194,7 @@ def write_state(out: Path, state_file: str, state: dict) -> None:
 # ---------------------------------------------------------------------------- stages
 
 
-def train_stage(out: Path, e: Experiment, sizes: Sizes, progress: bool) -> None:
-    from natgrad.engine.train import CHECKPOINT, train
+def train_stage(out: Path, e: Experiment, sizes: PipelineSettings, progress: bool) -> None:
 
     cfg = e.config(sizes, out)
     run = out / e.name
@@ -209,7 +212,7 @@ def run_config(run: Path):
     return RunDir(run).read_config()
 
 
-def eval_stage(run: Path, s: Sizes, progress: bool) -> str | None:
+def eval_stage(run: Path, s: PipelineSettings, progress: bool) -> str | None:
     """Clean and PGD-k on ``n_eval`` images, standard AutoAttack on ``n_autoattack``, the eps sweep on ``n_sweep``;
     writes the sweep figure and ``eval.json`` into the run folder. Returns the timing detail on rank 0."""
     parts = (evaluation.Part(("clean", "pgd"), s.n_eval),
@@ -227,13 +230,10 @@ def eval_stage(run: Path, s: Sizes, progress: bool) -> str | None:
             f"AutoAttack {seconds['autoattack_n']:.1f} s")
 
 
-def bench_stage(out: Path, grid: Grid, s: Sizes, progress: bool) -> None:
+def bench_stage(out: Path, grid: Grid, s: PipelineSettings, progress: bool) -> None:
     """On rank 0 only: one device's cost of a training step."""
     if not is_main_process():
         return
-    from natgrad import config
-    from natgrad.engine import bench
-    from natgrad.engine import checkpoint as ckpt
 
     overrides = [*s.train_overrides(), *s.overrides]
     cfg = config.load(grid.bench_recipe, overrides)
@@ -246,21 +246,17 @@ def bench_stage(out: Path, grid: Grid, s: Sizes, progress: bool) -> None:
     ckpt.atomic_write_text(out / BENCH_FILE, json.dumps(result, indent=2))
 
 
-def analyze_stage(run: Path, s: Sizes, progress: bool) -> None:
+def analyze_stage(run: Path, s: PipelineSettings, progress: bool) -> None:
     """On rank 0 only (the analyses run in one process)."""
     if not is_main_process():
         return
-    from natgrad.analysis.analyze import AnalysisSettings, analyze, write_analysis
-    from natgrad.engine.distributed import setup
 
     cfg = run_config(run)
     ctx = setup(cfg.device)
     loaded = evaluation.load_model(run, device=ctx.device)
     ds = evaluation.eval_dataset(cfg, s.n_analysis)
     settings = AnalysisSettings(eps=cfg.eps, power_iterations=s.power_iterations, progress=progress)
-    summary, arrays = analyze(loaded.model, ds, settings, ctx.device)
-    summary = {"model": loaded.name, "method": cfg.method, "architecture": cfg.model.name, "dataset": cfg.data.name,
-               **summary, "weights": str(loaded.weights), "weights_sha256": loaded.sha256}
+    summary, arrays = evaluation.analyze_model(loaded, ds, settings)
     write_analysis(summary, arrays, run / "analysis")
 
 
@@ -272,21 +268,20 @@ class Stage:
     run: Callable[[], str | None]  # returns a detail for the timing line, if any
 
 
-def stages(out: Path, grid: Grid, s: Sizes, progress: bool) -> list[Stage]:
+def stages(out: Path, grid: Grid, s: PipelineSettings, progress: bool) -> list[Stage]:
     """Train every experiment, evaluate every one, bench, analyze every one."""
     result = []
     for e in grid.experiments:
         run = out / e.name
         how = ", ".join([s.schedule(), *([f"fine-tuning {e.init}"] if e.init else []), *e.overrides])
         result.append(Stage(f"train {e.name}", f"training {e.name} ({how})",
-                            lambda run=run: (run / "summary.json").is_file(),
-                            lambda e=e: train_stage(out, e, s, progress)))
+                            RunDir(run).summary.is_file, functools.partial(train_stage, out, e, s, progress)))
     for e in grid.experiments:
         run = out / e.name
         result.append(Stage(
             f"eval {e.name}", f"evaluating {e.name}: clean and PGD-{s.pgd_steps} on {s.n_eval} images, eps sweep on "
-            f"{s.n_sweep}, AutoAttack standard on {s.n_autoattack}", lambda run=run: (run / "eval.json").is_file(),
-            lambda run=run: eval_stage(run, s, progress)))
+            f"{s.n_sweep}, AutoAttack standard on {s.n_autoattack}", RunDir(run).eval_json.is_file,
+            functools.partial(eval_stage, run, s, progress)))
     result.append(Stage("bench", f"cost of one training step: {', '.join(grid.bench_methods)} "
                         f"(median of {s.bench_steps} steps)",
                         lambda: (out / BENCH_FILE).is_file(), lambda: bench_stage(out, grid, s, progress)))
@@ -294,8 +289,8 @@ def stages(out: Path, grid: Grid, s: Sizes, progress: bool) -> list[Stage]:
         run = out / e.name
         result.append(Stage(
             f"analyze {e.name}", f"gradient analyses of {e.name} ({s.n_analysis} images, "
-            f"{s.power_iterations} power iterations)", lambda run=run: (run / "analysis" / "analysis.json").is_file(),
-            lambda run=run: analyze_stage(run, s, progress)))
+            f"{s.power_iterations} power iterations)", (RunDir(run).analysis / "analysis.json").is_file,
+            functools.partial(analyze_stage, run, s, progress)))
     return result
 
 
@@ -307,7 +302,6 @@ def run_stages(out: Path, tool: str, state_file: str, state: dict, todo: Sequenc
     Under torchrun every rank runs every stage (each stage shares out its work or leaves it to rank 0),
     rank 0 alone prints and writes the state, and all ranks wait for each other after each stage.
     """
-    from natgrad.engine.distributed import barrier
 
     main = is_main_process()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -360,9 +354,9 @@ def result_rows(out: Path, grid: Grid) -> list[dict]:
         cfg = run_config(run) if (run / "config.yaml").is_file() else None
         eps = summary.get("eps")
         results = ev.get("results", [])
-        clean = next((r for r in results if r["attack"] == "clean"), {})
-        pgd = next((r for r in results if r["attack"].startswith("pgd-")), {})
-        aa = next((r for r in results if r["attack"] == "autoattack" and eps is not None
+        clean: dict = next((r for r in results if r["attack"] == "clean"), {})
+        pgd: dict = next((r for r in results if r["attack"].startswith("pgd-")), {})
+        aa: dict = next((r for r in results if r["attack"] == "autoattack" and eps is not None
                    and math.isclose(r["eps"], eps)), {})
         method = cfg.method if cfg else None
         same_model = cfg is not None and bench.get("model") == cfg.model.name and bench.get("act") == cfg.model.act
@@ -379,7 +373,8 @@ def result_rows(out: Path, grid: Grid) -> list[dict]:
             "seconds_per_step": cost.get("seconds_per_step"), "relative_to_pgd": cost.get("relative_to_pgd"),
             "flops_relative_to_pgd": cost.get("flops_relative_to_pgd"),
             "l1_mean": grads.get("l1_mean"), "analysis_n": grads.get("n"),
-            "saliency_edge_corr": edges.get("saliency_corr_mean"), "loss_grad_edge_corr": edges.get("loss_grad_corr_mean"),
+            "saliency_edge_corr": edges.get("saliency_corr_mean"),
+            "loss_grad_edge_corr": edges.get("loss_grad_corr_mean"),
             "curvature": geometry.get("curvature_mean"), "linearity_error": linearity.get("error_mean"),
         })
     return rows
@@ -432,5 +427,7 @@ def html_table(table_id: str, header: list[str], body: list[list[str]], text_col
             "</tbody></table></div>\n")
 
 
-__all__ = ["check_runs", "format_summary", "html_table", "summary_columns", "text_table", "BENCH_FILE", "Experiment", "Grid", "Sizes", "Stage", "check_out", "read_json", "result_rows",
-           "run_config", "run_stages", "stages", "write_state"]
+__all__ = ["BENCH_FILE", "Experiment", "Grid", "PipelineSettings", "Stage", "check_out", "check_runs", "format_summary",
+           "html_table", "read_json", "result_rows", "run_config", "run_stages", "stages", "summary_columns",
+           "text_table",
+           "write_state"]

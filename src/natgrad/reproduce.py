@@ -22,12 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from natgrad.engine.checkpoint import atomic_write_text
 from natgrad.errors import UserError, did_you_mean
 from natgrad.pipeline import (
     BENCH_FILE,
     Experiment,
     Grid,
-    Sizes,
+    PipelineSettings,
     check_data,
     check_out,
     check_runs,
@@ -42,6 +43,7 @@ from natgrad.pipeline import (
     text_table,
     write_state,
 )
+from natgrad.report import write_report
 
 MARKER = "natgrad-reproduce"
 STATE_FILE = "reproduce.json"
@@ -114,7 +116,7 @@ class Reproduction:
     """A dataset's grid, its budgets and which experiments play which part in the claims."""
 
     grid: Callable[[int], Grid]  # from the fine-tuning epochs
-    budgets: dict[str, tuple[Sizes, int]]  # budget -> (sizes, fine-tuning epochs)
+    budgets: dict[str, tuple[PipelineSettings, int]]  # budget -> (sizes, fine-tuning epochs)
     roles: dict[str, str]  # claim role -> experiment name
     expected: dict[str, str]  # budget -> expected time, in words
 
@@ -134,8 +136,9 @@ REPRODUCTIONS: dict[str, Reproduction] = {
     "fmnist": Reproduction(
         fmnist_grid,
         budgets={
-            "full": (Sizes(epochs=None, limit_train=None, **_FULL_EVAL), 2),
-            "short": (Sizes(epochs=1, limit_train=30000, limit_eval=500, n_eval=1000, n_sweep=500, sweep_to=4.0,
+            "full": (PipelineSettings(epochs=None, limit_train=None, **_FULL_EVAL), 2),
+            "short": (PipelineSettings(epochs=1, limit_train=30000, limit_eval=500, n_eval=1000, n_sweep=500,
+                                       sweep_to=4.0,
                             n_autoattack=100, autoattack_batch=50, pgd_steps=10, n_analysis=500, power_iterations=10,
                             bench_steps=5, bench_warmup=1), 1),
         },
@@ -145,16 +148,16 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                           "time)"}),
     "cifar10": Reproduction(
         cifar10_grid,
-        budgets={"full": (Sizes(epochs=None, limit_train=None, **_FULL_EVAL), 30),
-                 "short": (Sizes(epochs=10, limit_train=None, **_FULL_EVAL), 5)},
+        budgets={"full": (PipelineSettings(epochs=None, limit_train=None, **_FULL_EVAL), 30),
+                 "short": (PipelineSettings(epochs=10, limit_train=None, **_FULL_EVAL), 5)},
         roles={"natural": "natural", "gradnorm": "gradnorm", "pgd": "pgd"},
         expected={"full": "not measured here (no GPU): 650 epochs of PreAct ResNet-18 in all, 600 of them with "
                           "double backprop or PGD-3",
                   "short": "not measured here (no GPU): 10 epochs per model"}),
     "imagenet": Reproduction(
         imagenet_grid,
-        budgets={"full": (Sizes(epochs=None, limit_train=None, **_FULL_EVAL), 30),
-                 "short": (Sizes(epochs=10, limit_train=None, **_FULL_EVAL), 3)},
+        budgets={"full": (PipelineSettings(epochs=None, limit_train=None, **_FULL_EVAL), 30),
+                 "short": (PipelineSettings(epochs=10, limit_train=None, **_FULL_EVAL), 3)},
         roles=_IMAGENET_ROLES,
         expected={"full": "not measured here (no GPU): the paper's Swin-B and ResNet-50 recipes, each days of "
                           "8-GPU time in the paper",
@@ -362,7 +365,7 @@ def quality_bar(rows: list[dict], roles: dict[str, str]) -> str:
 
 
 def claims_markdown(dataset: str, budget: str, verdicts: list[Verdict], bar: str, rows: list[dict],
-                    sizes: Sizes, pgd_steps: int | None) -> str:
+                    sizes: PipelineSettings, pgd_steps: int | None) -> str:
     """CLAIMS.md: the claims with the paper's and the measured numbers and a verdict each."""
     held = sum(v.verdict == "holds" for v in verdicts)
     lines = [
@@ -418,7 +421,7 @@ def _report_sections(dataset: str, budget: str, verdicts: list[Verdict], bar: st
 # ---------------------------------------------------------------------------- the command
 
 
-def resolve(dataset: str, budget: str) -> tuple[Reproduction, Grid, Sizes]:
+def resolve(dataset: str, budget: str) -> tuple[Reproduction, Grid, PipelineSettings]:
     """The dataset's grid and sizes for ``budget``; a UserError for an unknown dataset or budget."""
     if dataset not in REPRODUCTIONS:
         raise UserError(f"unknown dataset {dataset!r}{did_you_mean(dataset, list(REPRODUCTIONS))}; "
@@ -430,7 +433,7 @@ def resolve(dataset: str, budget: str) -> tuple[Reproduction, Grid, Sizes]:
     return d, d.grid(ft_epochs), sizes
 
 
-def describe_reproduction(dataset: str, budget: str, grid: Grid, sizes: Sizes, d: Reproduction) -> str:
+def describe_reproduction(dataset: str, budget: str, grid: Grid, sizes: PipelineSettings, d: Reproduction) -> str:
     """What the run will do, printed before it starts."""
     return "\n".join([
         f"  budget   {budget}: {sizes.schedule()} per model (fine-tunes: their own epochs); "
@@ -446,7 +449,8 @@ def describe_reproduction(dataset: str, budget: str, grid: Grid, sizes: Sizes, d
 
 
 def run_reproduce(dataset: str, out: Path | str | None = None, budget: str = "full", overrides: tuple[str, ...] = (),
-                  progress: bool = True, log: Callable[[str], None] | None = None, sizes: Sizes | None = None) -> dict:
+                  progress: bool = True, log: Callable[[str], None] | None = None,
+                  sizes: PipelineSettings | None = None) -> dict:
     """Run (or continue) the grid of ``dataset`` into ``out`` and decide every claim; returns results.json's content.
 
     Args:
@@ -490,8 +494,6 @@ def run_reproduce(dataset: str, out: Path | str | None = None, budget: str = "fu
     results = {"format": MARKER, "dataset": dataset, "budget": budget, "settings": settings, "rows": rows,
                "bench": bench, "claims": [v.as_json() for v in verdicts], "quality_bar": bar,
                "stage_seconds": stage_seconds, "total_hours": round(sum(stage_seconds.values()) / 3600, 3)}
-    from natgrad.engine.checkpoint import atomic_write_text
-    from natgrad.report import write_report
 
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
     atomic_write_text(out / CLAIMS_FILE, claims_markdown(dataset, budget, verdicts, bar, rows, sizes,

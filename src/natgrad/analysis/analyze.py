@@ -9,32 +9,37 @@ randomness of batch ``b`` (PGD starts, power-iteration starts, linearity draws) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import operator
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from natgrad.analysis import statistics as st
 from natgrad.analysis.edges import log_correlation, sobel_energy
+from natgrad.analysis.figures import draw_all
 from natgrad.analysis.geometry import (
     hessian_spectral_norm,
     local_linearity_error,
-    loss_and_gradient,
     normalized_curvature,
 )
-from natgrad.attacks import eval_mode, frozen_parameters, paper_step_size, pgd
+from natgrad.attacks import paper_step_size, pgd
+from natgrad.choices import ANALYSES, Analysis
 from natgrad.errors import UserError, did_you_mean
 from natgrad.files import TEMP_PREFIX
+from natgrad.gradients import LossFn, eval_mode, frozen_parameters, loss_and_gradient
 
-ANALYSES = ("gradients", "edges", "geometry", "linearity", "along_attack", "pictures")
+BatchSource = Callable[[str, int, bool], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+"""``(description, batch size, progress) ->`` the seeded batches of the images to analyse, on the model's device
+(e.g. :func:`natgrad.engine.distributed.batch_source`)."""
 CHANNEL_EDGES = st.log_edges(1e-12, 1e4, 5)  # fixed, so that counts add up over batches
 
 
@@ -43,7 +48,7 @@ class AnalysisSettings:
     """What :func:`analyze` computes; defaults are the paper's."""
 
     eps: float
-    analyses: tuple[str, ...] = ANALYSES
+    analyses: tuple[Analysis, ...] = ANALYSES
     batch_size: int = 128
     pgd_steps: int = 10  # Table 1 conditions on PGD-10
     power_iterations: int = 20  # Table 6
@@ -56,35 +61,33 @@ class AnalysisSettings:
     progress: bool = True
 
 
-def parse_analyses(names: str | list[str]) -> tuple[str, ...]:
+def parse_analyses(names: str | list[str]) -> tuple[Analysis, ...]:
     """``"gradients,edges"`` -> a tuple of known analysis names."""
     out = [a.strip() for a in names.split(",")] if isinstance(names, str) else list(names)
     for a in out:
         if a not in ANALYSES:
             raise UserError(f"unknown analysis {a!r}{did_you_mean(a, ANALYSES)}; known: {', '.join(ANALYSES)}")
-    return tuple(out)
+    return cast(tuple[Analysis, ...], tuple(out))
 
 
-def _batches(ds: Dataset, s: AnalysisSettings, device: torch.device, desc: str
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    from natgrad.engine.distributed import Context, shard_batches
-
-    yield from shard_batches(ds, s.batch_size, Context(0, 1, device), s.seed, desc, s.progress)
-
-
-def _ce(model: nn.Module, y: torch.Tensor):
+def _ce(model: nn.Module, y: torch.Tensor) -> LossFn:
     return lambda z: F.cross_entropy(model(z).float(), y, reduction="none")
+
+
+def _class_score(model: nn.Module, y: torch.Tensor) -> LossFn:
+    """Each image's logit of its own class."""
+    return lambda z: model(z).gather(1, y[:, None]).squeeze(1)
 
 
 def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
     return pgd(model, x, y, eps, steps, paper_step_size(eps), random_start=True, keep_best=True)
 
 
-def _gradients(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict, dict]:
+def _gradients(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict, dict]:
     """Table 1 and Figures 6, 7: L1 norms of loss gradients, conditioned on PGD success; channel values."""
     l1, correct, fooled = [], [], []
     channels: list[torch.Tensor] | None = None
-    for x, y in _batches(ds, s, device, "gradients"):
+    for x, y in batches("gradients", s.batch_size, s.progress):
         _, _, g = loss_and_gradient(_ce(model, y), x)
         with torch.no_grad():
             correct.append((model(x).argmax(1) == y).cpu())
@@ -104,19 +107,23 @@ def _gradients(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch
                        "incorrect": st.histogram(l1_all[~correct_all], edges)},
     }
     edge_list = CHANNEL_EDGES.tolist()
-    total = sum(channels)
+    if channels is None:
+        raise UserError("the analysis got no images; give at least one with --n")
+    total = functools.reduce(operator.add, channels)
     channel_summary = {"n": len(l1_all), "all": {"edges": edge_list, "counts": total.tolist()},
                        "per_channel": [{"edges": edge_list, "counts": c.tolist()} for c in channels]}
     arrays = {"l1": l1_all, "correct": correct_all, "fooled": fooled_all}
     return summary, channel_summary, arrays
 
 
-def _edges(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+def _edges(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
     """Table 5 and Figure 8: log-log correlation of saliency and |loss gradient| with Sobel oriented energy."""
-    sal_corr, loss_corr, scatter = [], [], []
-    for x, y in _batches(ds, s, device, "edges"):
+    sal_corr: list[torch.Tensor] = []
+    loss_corr: list[torch.Tensor] = []
+    scatter: list[dict[str, Any]] = []
+    for x, y in batches("edges", s.batch_size, s.progress):
         _, _, g_loss = loss_and_gradient(_ce(model, y), x)
-        _, _, g_class = loss_and_gradient(lambda z, y=y: model(z).gather(1, y[:, None]).squeeze(1), x)
+        _, _, g_class = loss_and_gradient(_class_score(model, y), x)
         saliency = g_class.abs().amax(1)  # per-pixel max over channels
         loss_map = g_loss.abs().amax(1)
         energy = sobel_energy(x)
@@ -134,48 +141,50 @@ def _edges(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.dev
     return summary, {"saliency_corr": sal, "loss_grad_corr": loss, "scatter": scatter}
 
 
-def _geometry(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+def _geometry(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
     """Table 6 and Figure 9: gradient L2 norm, Hessian spectral norm, normalized curvature."""
     g2, hn, curv = [], [], []
-    for x, y in _batches(ds, s, device, "geometry"):
+    for x, y in batches("geometry", s.batch_size, s.progress):
         _, g, h = hessian_spectral_norm(_ce(model, y), x, s.power_iterations)
         g2.append(g.flatten(1).norm(dim=1).cpu())
         hn.append(h.cpu())
         curv.append(normalized_curvature(h, g).cpu())
     g2_all, hn_all, curv_all = torch.cat(g2), torch.cat(hn), torch.cat(curv)
-    summary = {"n": len(g2_all), "power_iterations": s.power_iterations}
+    summary: dict[str, Any] = {"n": len(g2_all), "power_iterations": s.power_iterations}
     for name, v in (("grad_l2", g2_all), ("hessian_norm", hn_all), ("curvature", curv_all)):
         summary[f"{name}_mean"], summary[f"{name}_std"] = st.mean_std(v[v.isfinite()])
     summary["curvature_histogram"] = st.histogram(curv_all[curv_all.isfinite()])
     return summary, {"grad_l2": g2_all, "hessian_norm": hn_all, "curvature": curv_all}
 
 
-def _linearity(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+def _linearity(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
     """Table 7 and Figure 10: local linearity error (Eq. 5-6) and its log10 (plus 1e-17)."""
     errors = []
-    for x, y in _batches(ds, s, device, "linearity"):
+    for x, y in batches("linearity", s.batch_size, s.progress):
         errors.append(local_linearity_error(_ce(model, y), x, s.eps).cpu())
     err = torch.cat(errors).double()
     log10 = (err + 1e-17).log10()
-    summary = {"n": len(err), "eps": s.eps}
+    summary: dict[str, Any] = {"n": len(err), "eps": s.eps}
     summary["error_mean"], summary["error_std"] = st.mean_std(err)
     summary["log10_mean"], summary["log10_std"] = st.mean_std(log10)
-    summary["log10_histogram"] = {"edges": (edges := torch.linspace(log10.min().item(), log10.max().item() + 1e-9, 41)).tolist(),
+    edges = torch.linspace(log10.min().item(), log10.max().item() + 1e-9, 41)
+    summary["log10_histogram"] = {"edges": edges.tolist(),
                                   "counts": torch.histogram(log10, edges.double()).hist.long().tolist()}
     return summary, {"error": err}
 
 
-def _along_attack(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+def _along_attack(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
     """Figure 11: mean loss, L1 gradient norm and normalized curvature at ``x + t (PGD-5(x) - x)``."""
     t = torch.tensor(s.along_t, dtype=torch.float64)
     sums = torch.zeros(3, len(t), dtype=torch.float64)
     n = 0
-    for x, y in _batches(ds, s, device, "along attack"):
+    for x, y in batches("along attack", s.batch_size, s.progress):
         delta = _pgd(model, x, y, s.eps, s.along_steps) - x
         for k, tk in enumerate(s.along_t):
             loss, g, h = hessian_spectral_norm(_ce(model, y), x + tk * delta, s.along_iterations, init="gradient")
             c = normalized_curvature(h, g)
-            sums[:, k] += torch.stack([loss.sum(), g.flatten(1).abs().sum(1).sum(), c[c.isfinite()].sum()]).double().cpu()
+            totals = [loss.sum(), g.flatten(1).abs().sum(1).sum(), c[c.isfinite()].sum()]
+            sums[:, k] += torch.stack(totals).double().cpu()
         n += len(y)
     mean = sums / n
     summary = {"n": n, "attack": f"pgd-{s.along_steps}", "eps": s.eps, "power_iterations": s.along_iterations,
@@ -183,9 +192,9 @@ def _along_attack(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: to
     return summary, {}
 
 
-def _pictures(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.device) -> tuple[dict, dict]:
+def _pictures(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
     """Figures 1, 3, 14: images, loss gradients, PGD-10 perturbations (resisted or not) and edges."""
-    x, y = next(_batches(ds, dataclasses.replace(s, batch_size=s.pictures, progress=False), device, "pictures"))
+    x, y = next(batches("pictures", s.pictures, False))
     _, _, g = loss_and_gradient(_ce(model, y), x)
     x_adv = _pgd(model, x, y, s.eps, s.pgd_steps)
     with torch.no_grad():
@@ -195,22 +204,25 @@ def _pictures(model: nn.Module, ds: Dataset, s: AnalysisSettings, device: torch.
     return {"n": len(y), "resisted": resisted.tolist()}, arrays
 
 
-def analyze(model: nn.Module, ds: Dataset, settings: AnalysisSettings,
-            device: torch.device | str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the named analyses; returns ``(summary, arrays)``: the JSON sections and the per-image values."""
+def analyze(model: nn.Module, batches: BatchSource, n: int, settings: AnalysisSettings
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the named analyses on the ``n`` images that ``batches`` yields (on the model's device).
+
+    Returns ``(summary, arrays)``: the JSON sections and the per-image values.
+    """
     s = settings
-    device = torch.device(device)
-    summary: dict[str, Any] = {"eps": s.eps, "n": len(ds)}
+    device = next(model.parameters()).device
+    summary: dict[str, Any] = {"eps": s.eps, "n": n}
     arrays: dict[str, Any] = {}
     devices = [device] if device.type == "cuda" else []
     with eval_mode(model), frozen_parameters(model), torch.random.fork_rng(devices=devices):
         for name in s.analyses:
             if name == "gradients":
-                summary["gradients"], summary["channels"], arrays["gradients"] = _gradients(model, ds, s, device)
+                summary["gradients"], summary["channels"], arrays["gradients"] = _gradients(model, batches, s)
             else:
                 run = {"edges": _edges, "geometry": _geometry, "linearity": _linearity,
                        "along_attack": _along_attack, "pictures": _pictures}[name]
-                summary[name], arrays[name] = run(model, ds, s, device)
+                summary[name], arrays[name] = run(model, batches, s)
     return summary, arrays
 
 
@@ -236,7 +248,6 @@ def check_out(out: Path) -> None:
 def write_analysis(summary: dict[str, Any], arrays: dict[str, Any], out: Path) -> Path:
     """Write ``analysis.json`` and the figures into ``out``, all at once: built in a temporary folder,
     then moved into place (replacing an earlier analysis there). Returns the JSON's path."""
-    from natgrad.analysis.figures import draw_all
 
     out = Path(out)
     check_out(out)

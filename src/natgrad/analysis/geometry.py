@@ -8,27 +8,14 @@ block-diagonal: one Hessian-vector product of the summed loss is a batch of per-
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
+from natgrad.gradients import LossFn, loss_and_gradient
 
 
 def _per_image_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1)
-
-
-def loss_and_gradient(loss_fn: LossFn, x: torch.Tensor, create_graph: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x_leaf, per-image loss, per-image input gradient)``; the gradient keeps its graph if asked."""
-    x = x.detach().requires_grad_(True)
-    # fused attention kernels have no double backward
-    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-        loss = loss_fn(x)
-        (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=create_graph)
-    return x, loss, grad
 
 
 def hessian_spectral_norm(loss_fn: LossFn, x: torch.Tensor, iterations: int = 20, init: str = "random",

@@ -23,7 +23,9 @@ def log_edges(low: float, high: float, bins_per_decade: int = 10) -> torch.Tenso
 def edges_for(values: torch.Tensor, bins_per_decade: int = 10) -> torch.Tensor:
     """Log edges spanning the positive finite ``values`` (a default decade where there are none)."""
     v = values[(values > 0) & values.isfinite()].double()
-    return log_edges(v.min().item(), v.max().item(), bins_per_decade) if len(v) else log_edges(1.0, 10.0, bins_per_decade)
+    if not len(v):
+        return log_edges(1.0, 10.0, bins_per_decade)
+    return log_edges(v.min().item(), v.max().item(), bins_per_decade)
 
 
 def count(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

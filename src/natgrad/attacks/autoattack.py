@@ -22,10 +22,11 @@ from pyautoattack import AutoAttack, checks
 from pyautoattack.autoattack import AttackName
 from torch import nn
 
-from natgrad.attacks.pgd import eval_mode, finite_logits, frozen_parameters
+from natgrad.attacks.pgd import finite_logits
 from natgrad.digest import model_digest
 from natgrad.errors import UserError, check_choice
 from natgrad.files import atomic_write
+from natgrad.gradients import eval_mode, frozen_parameters
 
 RESULT_NAMES = {"standard": "autoattack", "plus": "autoattack-plus", "custom": "autoattack-custom"}
 ATTACKS: tuple[str, ...] = get_args(AttackName)
@@ -158,7 +159,8 @@ def _check_arguments(
     elif attacks is not None:
         raise UserError(f"autoattack attacks= applies only to version='custom', not {version!r}; drop it or use custom")
     if not 0 <= eps <= 1:
-        raise UserError(f"autoattack eps={eps} is outside [0, 1]; give it in pixel units of [0, 1] images (8/255, not 8)")
+        raise UserError(f"autoattack eps={eps} is outside [0, 1]; give it in pixel units of [0, 1] images (8/255, not "
+                        f"8)")
     if batch_size < 1:
         raise UserError(f"autoattack batch_size={batch_size} must be at least 1")
     if len(x) == 0 or not x.is_floating_point() or x.min() < 0 or x.max() > 1:

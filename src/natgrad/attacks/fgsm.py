@@ -16,4 +16,5 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_si
 
     The result is projected to the ball around ``x`` and to [0, 1]; it is PGD with one step.
     """
-    return pgd(model, x, y, eps, steps=1, step_size=STEP_RATIO * eps if step_size is None else step_size, random_start=random_start)
+    step = STEP_RATIO * eps if step_size is None else step_size
+    return pgd(model, x, y, eps, steps=1, step_size=step, random_start=random_start)

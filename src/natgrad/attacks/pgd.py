@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from natgrad.errors import UserError, check_choice
+from natgrad.gradients import eval_mode
 from natgrad.losses import per_sample_ce
 
 
 def paper_step_size(eps: float) -> float:
     """The evaluation attacks' step: the paper's 1/255 at eps 4/255, scaled with eps."""
     return eps / 4
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def finite_logits(logits: torch.Tensor, what: str = "these images") -> torch.Tensor:
@@ -36,19 +25,6 @@ def finite_logits(logits: torch.Tensor, what: str = "these images") -> torch.Ten
         raise UserError(f"the model's outputs are NaN or infinite on {bad} of {len(logits)} of {what}: its weights are "
                         "damaged (or it diverged in training); evaluate other weights")
     return logits
-
-
-@contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Stop parameters from requiring grad for the block, so that no ``backward()`` fills ``.grad``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _hard_labels(y: torch.Tensor) -> torch.Tensor:
@@ -158,7 +134,7 @@ def pgd(
                 losses = per_sample_ce(logits, y)
                 (grad,) = torch.autograd.grad(losses.sum(), x_adv)
                 x_adv = x_adv.detach()
-                if keep_best:
+                if keep_best and strongest is not None:
                     strongest.update(x_adv, logits.detach(), losses.detach())
                 # In place: the graph that saved x_adv is freed, and the strongest iterate is a copy.
                 torch.clamp(x_adv.add_(ascent(grad), alpha=step_size), lo, hi, out=x_adv)
@@ -167,4 +143,4 @@ def pgd(
             with torch.no_grad():
                 logits = model(x_adv)
                 strongest.update(x_adv, logits, per_sample_ce(logits, y))
-    return strongest.x
+    return x_adv if strongest is None or strongest.x is None else strongest.x

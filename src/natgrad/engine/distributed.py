@@ -8,7 +8,7 @@ and this works the same for every objective.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,3 +105,9 @@ def global_batch_index(ctx: Context, k: int) -> int:
 def merge_counts(counts: torch.Tensor, ctx: Context) -> torch.Tensor:
     """Exact counts summed over every process (on the process's device for the all-reduce), back on the CPU."""
     return sum_over_processes(counts.to(ctx.device), ctx.world).cpu()
+
+
+def batch_source(ds: Dataset, seed: int, ctx: Context
+                 ) -> Callable[[str, int, bool], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """``(description, batch size, progress) ->`` :func:`shard_batches` of ``ds``: the batches an analysis takes."""
+    return lambda desc, batch_size, progress: shard_batches(ds, batch_size, ctx, seed, desc, progress)

@@ -5,6 +5,7 @@ runs the named attacks of :data:`REGISTRY` on a dataset; :func:`evaluate` is tra
 """
 
 from natgrad.evaluation.autoattack_rows import autoattack_row
+from natgrad.evaluation.characterize import analyze_model
 from natgrad.evaluation.integrity import deterministic, integrity
 from natgrad.evaluation.keep import write_or_keep
 from natgrad.evaluation.loading import eval_dataset, load_model
@@ -20,7 +21,8 @@ from natgrad.evaluation.text import format_results
 from natgrad.evaluation.training import evaluate
 
 __all__ = ["ATTACKS", "PER_EPS", "REFERENCE_EPS", "REGISTRY", "SANITY_CHECKS", "SWEEPS", "AttackResult", "AttackSpec",
-           "EvalReport", "EvalSettings", "Part", "RunSettings", "autoattack_row", "autoattack_state_dir",
+           "EvalReport", "EvalSettings", "Part", "RunSettings", "analyze_model", "autoattack_row",
+           "autoattack_state_dir",
            "check_robustbench", "default_sweep_eps", "deterministic", "eval_dataset", "evaluate", "evaluate_model",
            "evaluate_run", "format_results", "format_sanity", "get_attack", "integrity", "load_model", "parse_attacks",
            "parse_eps", "remove_autoattack_state", "robustbench_info", "sanity_checks", "write_or_keep"]

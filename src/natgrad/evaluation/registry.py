@@ -7,13 +7,13 @@ import dataclasses
 from torch import nn
 from torch.utils.data import Dataset
 
-from natgrad.attacks import eval_mode
 from natgrad.engine.distributed import Context
 from natgrad.errors import UserError, did_you_mean
 from natgrad.evaluation import white_box
 from natgrad.evaluation.autoattack_rows import autoattack_attack
 from natgrad.evaluation.settings import AttackFn, AttackResult, EvalSettings
 from natgrad.evaluation.sweeps import eps_sweep, steps_sweep
+from natgrad.gradients import eval_mode
 
 
 @dataclasses.dataclass(frozen=True)

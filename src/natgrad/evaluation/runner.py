@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from natgrad.attacks import eval_mode
 from natgrad.engine.distributed import Context
 from natgrad.evaluation.integrity import integrity
 from natgrad.evaluation.registry import get_attack
 from natgrad.evaluation.settings import EvalSettings
+from natgrad.gradients import eval_mode
 
 
 def evaluate_model(model: nn.Module, ds: Dataset, settings: EvalSettings, ctx: Context) -> dict:

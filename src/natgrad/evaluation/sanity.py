@@ -9,11 +9,11 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from natgrad.attacks import eval_mode
 from natgrad.engine.distributed import Context
 from natgrad.evaluation import runner
 from natgrad.evaluation.integrity import deterministic
 from natgrad.evaluation.settings import EvalSettings
+from natgrad.gradients import eval_mode
 
 SANITY_CHECKS = ("deterministic", "large eps reaches chance", "more iterations", "l2 direction weaker",
                  "transfer weaker", "black-box weaker", "autoattack flags")

@@ -18,14 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from natgrad.analysis.edges import edge_map
-from natgrad.errors import UserError, check_choice
+from natgrad.choices import EdgeCosine, EdgeStudent, EdgeTeacher
+from natgrad.gradients import input_gradient
 from natgrad.losses import per_sample_ce
 from natgrad.objectives.base import Objective
-from natgrad.objectives.gradnorm import input_gradient
-
-STUDENTS = ("class", "loss", "saliency")
-TEACHERS = ("energy", "magnitude")
-COSINES = ("per_image", "batch")
 
 
 def sample_classes(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -34,7 +30,7 @@ def sample_classes(logits: torch.Tensor, tau: float, generator: torch.Generator 
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mode: str = "per_image") -> torch.Tensor:
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mode: EdgeCosine = "per_image") -> torch.Tensor:
     """``1 - cos(student, teacher)``: per image then averaged (``per_image``) or over the whole batch (``batch``).
 
     0 when the student is a positive multiple of the teacher, 2 when it is a negative one.
@@ -48,17 +44,11 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mode: str = "per_i
 class EdgeRegularization(Objective):
     """Align input gradients with image edges."""
 
-    def __init__(self, model: nn.Module, weight: float = 1.0, weight_per_epoch: float = 0.0, weight_max: float | None = None,
-                 tau: float = 0.5, sigma: float = 1.0, student: str = "class", teacher: str = "energy",
-                 cosine: str = "per_image"):
+    def __init__(self, model: nn.Module, weight: float = 1.0, weight_per_epoch: float = 0.0,
+                 weight_max: float | None = None, tau: float = 0.5, sigma: float = 1.0, student: EdgeStudent = "class",
+                 teacher: EdgeTeacher = "energy", cosine: EdgeCosine = "per_image"):
+        """Parameters as ``config.EdgeConfig``, whose ranges and choices ``config.validate`` checks."""
         super().__init__(model)
-        if tau <= 0:
-            raise UserError(f"edge.tau={tau} must be positive (a softmax temperature, the paper uses 0.5)")
-        if sigma <= 0:
-            raise UserError(f"edge.sigma={sigma} must be positive (the Gaussian-derivative filter scale in pixels)")
-        check_choice("edge.student", student, STUDENTS)
-        check_choice("edge.teacher", teacher, TEACHERS)
-        check_choice("edge.cosine", cosine, COSINES)
         self.weight, self.weight_per_epoch, self.weight_max = weight, weight_per_epoch, weight_max
         self.tau, self.sigma, self.student, self.teacher, self.cosine = tau, sigma, student, teacher, cosine
 

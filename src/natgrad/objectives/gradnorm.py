@@ -11,53 +11,31 @@ the whole loss, CE and penalty, is taken at a gaussian-, uniform- or PGD-perturb
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from natgrad.attacks import pgd
-from natgrad.errors import UserError, check_choice
+from natgrad.choices import InputNoise, PenaltyNorm
+from natgrad.errors import UserError
+from natgrad.gradients import input_gradient
 from natgrad.losses import per_sample_ce
 from natgrad.objectives.base import Objective, linear_warmup
-
-NORMS = ("l1", "l2")
-NOISES = ("none", "gaussian", "uniform", "pgd")
-
-
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, create_graph: bool,
-                   output: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits, per-image outputs and per-image input gradients of those outputs.
-
-    Args:
-        output: maps logits to one value per image; default the cross-entropy with ``y``.
-        create_graph: keep the graph of the gradient for double backprop. Fused
-            scaled-dot-product-attention kernels have no double backward, so then the math
-            kernel is selected (a no-op for models without attention).
-    """
-    x = x.detach().requires_grad_(True)
-    with sdpa_kernel([SDPBackend.MATH]) if create_graph else torch.enable_grad():
-        logits = model(x)
-        values = per_sample_ce(logits, y) if output is None else output(logits)
-        (grad,) = torch.autograd.grad(values.sum(), x, create_graph=create_graph)
-    return logits, values, grad
 
 
 class GradNorm(Objective):
     """Penalize the norm of the loss-input gradient, by double backprop."""
 
     def __init__(self, model: nn.Module, eps: float, ce_weight: float = 1.0, gn_weight: float = 1.0,
-                 warmup_epochs: float = 0.0, norm: str = "l1", channel_weights: Sequence[float] | None = None,
-                 input_noise: str = "none", noise_std: float | None = None, attack_steps: int = 3,
+                 warmup_epochs: float = 0.0, norm: PenaltyNorm = "l1", channel_weights: Sequence[float] | None = None,
+                 input_noise: InputNoise = "none", noise_std: float | None = None, attack_steps: int = 3,
                  attack_step_size: float | None = None, attack_random_start: bool | None = False):
         super().__init__(model)
-        check_choice("gradnorm.norm", norm, NORMS)
-        check_choice("gradnorm.input_noise", input_noise, NOISES)
         self.eps, self.ce_weight, self.gn_weight, self.warmup_epochs = eps, ce_weight, gn_weight, warmup_epochs
         self.norm, self.input_noise = norm, input_noise
-        self.channel_weights = None if channel_weights is None else torch.tensor(list(channel_weights), dtype=torch.float32)
+        self.channel_weights = (None if channel_weights is None
+                                else torch.tensor(list(channel_weights), dtype=torch.float32))
         self.noise_std = eps if noise_std is None else noise_std
         self.attack_steps, self.attack_random_start = attack_steps, bool(attack_random_start)
         self.attack_step_size = 2 * eps / attack_steps if attack_step_size is None else attack_step_size
@@ -145,7 +123,7 @@ class GradNormFD(GradNorm):
         n = len(x)
         mean_ce = ce.detach().mean()
         value = self.ce_weight * mean_ce + weight * reg
-        coef_x = self.ce_weight / n  # on grad_theta sum_i L_i(x), already computed
+        coef_x: float | torch.Tensor = self.ce_weight / n  # on grad_theta sum_i L_i(x), already computed
         surrogate = torch.zeros((), device=x.device)
         if weight > 0:
             t = self.fd_step / direction.abs().amax().clamp_min(1e-30)

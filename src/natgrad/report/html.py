@@ -15,6 +15,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+import natgrad
 from natgrad.errors import UserError
 from natgrad.files import atomic_write_text, check_destination
 from natgrad.report import figures, tables
@@ -123,7 +124,6 @@ def write_report(run_dirs: Sequence[Path | str], out: Path, intro: Sequence[str]
 
 
 def _header(runs: list[Run]) -> str:
-    import natgrad
 
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     version = getattr(natgrad, "__version__", "unknown")

@@ -1,0 +1,72 @@
+"""Input gradients and the model states they are taken in: one place for objectives, attacks and analyses."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import cast
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from natgrad.losses import per_sample_ce
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]  # images -> one value per image
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Stop parameters from requiring grad for the block, so that no ``backward()`` fills ``.grad``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def loss_and_gradient(loss_fn: LossFn, x: torch.Tensor, create_graph: bool = False, math_kernel: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_leaf, per-image loss, per-image input gradient)``; the gradient keeps its graph if asked.
+
+    ``math_kernel`` selects scaled-dot-product attention's math kernel: the fused kernels have no double
+    backward (a no-op for models without attention).
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]) if math_kernel else contextlib.nullcontext():
+        loss = loss_fn(x)
+        (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=create_graph)
+    return x, loss, grad
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, create_graph: bool,
+                   output: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, per-image outputs and per-image input gradients of those outputs.
+
+    Args:
+        output: maps logits to one value per image; default the cross-entropy with ``y``.
+        create_graph: keep the graph of the gradient for double backprop (with the math attention kernel).
+    """
+    logits: list[torch.Tensor] = []
+
+    def values(z: torch.Tensor) -> torch.Tensor:
+        logits.append(model(z))
+        return output(logits[0]) if output is not None else per_sample_ce(logits[0], cast(torch.Tensor, y))
+
+    _, out, grad = loss_and_gradient(values, x, create_graph, math_kernel=create_graph)
+    return logits[0], out, grad
