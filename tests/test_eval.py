@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import TINY, run_cli
-from natgrad import evaluation as rb
+from natgrad import evaluation
 from natgrad.engine.distributed import Context
 
 
@@ -107,21 +107,23 @@ class _Images(torch.utils.data.Dataset):
 @pytest.mark.parametrize("mode", [True, False])
 def test_every_attack_restores_the_train_mode(mode):
     model = _Probe().train(mode)
-    settings = rb.EvalSettings(attacks=["clean", "pgd", "pgd-l2dir", "autoattack-custom", "transfer", "steps-sweep"],
+    settings = evaluation.EvalSettings(attacks=["clean", "pgd", "pgd-l2dir", "autoattack-custom", "transfer",
+                                                "steps-sweep"],
                                eps=[0.1], source=_Probe(),
                                pgd_steps=(2,), batch_size=8, aa_attacks=["apgd-ce"], sweep_steps=(1, 2), progress=False)
-    rb.evaluate_model(model, _Images(), settings, Context(0, 1, torch.device("cpu")))
+    evaluation.evaluate_model(model, _Images(), settings, Context(0, 1, torch.device("cpu")))
     assert model.training is mode
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_randomness_check_flags_dropout_left_on():
     ctx = Context(0, 1, torch.device("cpu"))
-    settings = rb.EvalSettings(attacks=[], eps=[0.1], pgd_steps=(2,), batch_size=8, progress=False)
-    checks = rb.sanity_checks(_Probe(dropout_always=True), _Images(), settings, ctx, num_classes=4,
+    settings = evaluation.EvalSettings(attacks=[], eps=[0.1], pgd_steps=(2,), batch_size=8, progress=False)
+    checks = evaluation.sanity_checks(_Probe(dropout_always=True), _Images(), settings, ctx, num_classes=4,
                               only=["deterministic"])
     assert checks[0]["status"] == "WARN" and "randomness" in checks[0]["detail"]
-    assert rb.sanity_checks(_Probe(), _Images(), settings, ctx, 4, only=["deterministic"])[0]["status"] == "PASS"
+    assert evaluation.sanity_checks(_Probe(), _Images(), settings, ctx, 4,
+                                    only=["deterministic"])[0]["status"] == "PASS"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -158,7 +160,7 @@ def test_sanity_report_reuses_the_evaluation_and_exports_robustbench(trained, tm
     report = _eval(trained, tmp_path, "--attacks", "clean,pgd,autoattack", "--eps", "0.3", "--pgd-steps", "5",
                    "--sanity", "--source", str(trained), "--square-queries", "100")
     checks = {c["check"]: c for c in report["sanity"]}
-    assert list(checks) == list(rb.SANITY_CHECKS)
+    assert list(checks) == list(evaluation.SANITY_CHECKS)
     assert all(c["status"] in ("PASS", "WARN") for c in checks.values())
     assert checks["deterministic"]["status"] == "PASS"
     assert checks["large eps reaches chance"]["status"] == "PASS"  # an undefended model at eps 1
@@ -171,7 +173,7 @@ def test_sanity_report_reuses_the_evaluation_and_exports_robustbench(trained, tm
     assert (["pgd"], [0.3], (10,)) in calls[1:]  # the doubled step count is new
     cfg = config.load("fmnist-natural")
     cfg.eps = 0.3
-    exported = rb.robustbench_info("tiny", cfg, report["results"])
+    exported = evaluation.robustbench_info("tiny", cfg, report["results"])
     assert exported["clean_acc"] == f"{100 * _acc(report, 'clean'):.2f}"
     assert exported["autoattack_acc"] == f"{100 * _acc(report, 'autoattack'):.2f}"
     assert exported["threat_model"] == "Linf" and exported["eps"] == f"{0.3 * 255:.4g}/255"
@@ -179,9 +181,9 @@ def test_sanity_report_reuses_the_evaluation_and_exports_robustbench(trained, tm
 
 def test_robustbench_json_without_autoattack_fails_before_attacking(trained, tmp_path, capsys):
     code, err = run_cli(["eval", str(trained), "--attacks", "clean,pgd", "--robustbench-json",
-                         str(tmp_path / "rb.json"),
+                         str(tmp_path / "evaluation.json"),
                          "--quiet"], capsys)
-    assert code == 2 and "needs the clean and autoattack results" in err and not (tmp_path / "rb.json").exists()
+    assert code == 2 and "needs the clean and autoattack results" in err and not (tmp_path / "evaluation.json").exists()
 
 
 def test_autoattack_plus_runs_its_attacks_in_order(trained, tmp_path):
@@ -212,22 +214,22 @@ def test_autoattack_resumes_from_its_state_folder(trained, tmp_path, monkeypatch
 
 
 def test_default_eps_sweep_scales_with_the_recipe_and_stays_in_range():
-    assert rb.default_sweep_eps(4 / 255)[-1] == pytest.approx(32 / 255)
-    assert len(rb.default_sweep_eps(4 / 255)) == 17
-    wide = rb.default_sweep_eps(0.3)  # 0.3 / (4/255) x 32/255 = 2.4: clipped at 1
+    assert evaluation.default_sweep_eps(4 / 255)[-1] == pytest.approx(32 / 255)
+    assert len(evaluation.default_sweep_eps(4 / 255)) == 17
+    wide = evaluation.default_sweep_eps(0.3)  # 0.3 / (4/255) x 32/255 = 2.4: clipped at 1
     assert wide[0] == 0 and wide[-1] == 1.0 and wide == sorted(set(wide))
 
 
 def test_every_evaluation_reports_its_integrity():
     ctx = Context(0, 1, torch.device("cpu"))
-    settings = rb.EvalSettings(attacks=["clean"], eps=[0.1], pgd_steps=(2,), batch_size=8, progress=False)
-    ok = rb.evaluate_model(_Probe().eval(), _Images(), settings, ctx)["integrity"]
+    settings = evaluation.EvalSettings(attacks=["clean"], eps=[0.1], pgd_steps=(2,), batch_size=8, progress=False)
+    ok = evaluation.evaluate_model(_Probe().eval(), _Images(), settings, ctx)["integrity"]
     assert ok == {"model_was_in_train_mode": False, "modules_in_train_mode": [], "deterministic": True,
                   "warnings": [], "autoattack_warnings": []}
-    left_in_train = rb.evaluate_model(_Probe().train(), _Images(), settings, ctx)["integrity"]
+    left_in_train = evaluation.evaluate_model(_Probe().train(), _Images(), settings, ctx)["integrity"]
     assert left_in_train["model_was_in_train_mode"] and left_in_train["deterministic"]
     assert left_in_train["warnings"] == ["the model was in train mode; it was evaluated in eval mode"]
-    random = rb.evaluate_model(_Probe(dropout_always=True), _Images(), settings, ctx)["integrity"]
+    random = evaluation.evaluate_model(_Probe(dropout_always=True), _Images(), settings, ctx)["integrity"]
     assert not random["deterministic"]
     assert any("identical forward passes differ" in w for w in random["warnings"])
 
@@ -235,7 +237,7 @@ def test_every_evaluation_reports_its_integrity():
         def train(self, mode=True):
             return super().train(True)
 
-    stubborn = rb.evaluate_model(Stubborn(), _Images(), settings, ctx)["integrity"]
+    stubborn = evaluation.evaluate_model(Stubborn(), _Images(), settings, ctx)["integrity"]
     assert stubborn["modules_in_train_mode"] == ["Stubborn", "fc"]
     assert any("stay in train mode after eval(): Stubborn, fc" in w for w in stubborn["warnings"])
 

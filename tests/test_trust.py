@@ -18,8 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY, assert_same_weights, run_cli, weights
-from natgrad import config, pipeline
-from natgrad import evaluation as rb
+from natgrad import config, evaluation, pipeline
 from natgrad.errors import Preempted, UserError
 from natgrad.rundir import LOCK, RunLock
 from natgrad.signals import StopSignals
@@ -119,7 +118,7 @@ def test_a_resumed_autoattack_state_never_reports_another_models_numbers(run_a, 
 def test_state_key_holds_the_weights_digest(run_a):
     from natgrad.attacks.autoattack import _state_key
 
-    model = rb.load_model(run_a).model
+    model = evaluation.load_model(run_a).model
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
     key = _state_key(model, x, y, 0.1, "custom", ["apgd-ce"], 0, 5000)
     with torch.no_grad():
@@ -351,7 +350,7 @@ def test_destinations_are_checked_before_the_work(run_a, tmp_path, capsys, monke
     def no_work(*a, **k):
         raise AssertionError("attacked before the destination was checked")
 
-    monkeypatch.setattr(rb, "evaluate_model", no_work)
+    monkeypatch.setattr(evaluation, "evaluate_model", no_work)
     folder = tmp_path / "a-folder"
     folder.mkdir()
     a_file = tmp_path / "a-file"
@@ -426,7 +425,7 @@ def test_a_checkpoint_of_the_wrong_structure_is_refused(run_a, tmp_path, capsys,
 
 
 def test_a_tiny_eps_is_not_shown_as_zero_255ths():
-    table = rb.format_results([{"attack": "pgd-10", "eps": 1e-300, "n": 1, "robust_acc": 1.0},
+    table = evaluation.format_results([{"attack": "pgd-10", "eps": 1e-300, "n": 1, "robust_acc": 1.0},
                              {"attack": "pgd-10", "eps": 4 / 255, "n": 1, "robust_acc": 1.0}])
     assert "(0/255)" not in table and "(4/255)" in table
 

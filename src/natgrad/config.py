@@ -460,7 +460,7 @@ def differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = RESUME_FRE
 # ---------------------------------------------------------------------------- validation
 
 
-def _check(ok: bool, message: str) -> None:
+def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
 
@@ -558,31 +558,30 @@ def validate(cfg: RunConfig) -> None:
     from timm.optim import list_optimizers
 
     optimizers = list_optimizers()
-    _check(cfg.optim.name.lower() in optimizers, f"optim.name={short(cfg.optim.name)} is not an optimizer timm knows"
-           f"{did_you_mean(cfg.optim.name.lower(), optimizers)}; e.g. adamw, sgd, lamb")
+    _require(cfg.optim.name.lower() in optimizers,
+             f"optim.name={short(cfg.optim.name)} is not an optimizer timm knows"
+             f"{did_you_mean(cfg.optim.name.lower(), optimizers)}; e.g. adamw, sgd, lamb")
     o = cfg.optim
     if o.sched == "cosine":
-        _check(o.min_lr <= cfg.lr, f"optim.min_lr={o.min_lr:g} is above lr={cfg.lr:g}; the schedule decays lr towards "
-                                   "min_lr: lower it")
-        _check(o.warmup_lr <= cfg.lr, f"optim.warmup_lr={o.warmup_lr:g} is above lr={cfg.lr:g}; warmup rises from it "
-                                      "to lr: lower it")
+        _require(o.min_lr <= cfg.lr,
+                 f"optim.min_lr={o.min_lr:g} is above lr={cfg.lr:g}; the schedule decays lr towards min_lr: lower it")
+        _require(o.warmup_lr <= cfg.lr,
+                 f"optim.warmup_lr={o.warmup_lr:g} is above lr={cfg.lr:g}; warmup rises from it to lr: lower it")
     if cfg.aug.rand_augment:
         _check_rand_augment(cfg.aug.rand_augment)
     weights = cfg.gradnorm.channel_weights
     if weights is not None:
         channels = info(cfg.data).in_chans
-        _check(len(weights) == channels, f"gradnorm.channel_weights has {len(weights)} entries but {cfg.data.name} "
-                                         f"images have "
-                                         f"{channels} channel(s); give one weight per channel")
-        _check(all(0 <= w <= 1000 for w in weights), "gradnorm.channel_weights must be in [0, 1000]")
+        _require(len(weights) == channels, f"gradnorm.channel_weights has {len(weights)} entries but {cfg.data.name} "
+                 f"images have {channels} channel(s); give one weight per channel")
+        _require(all(0 <= w <= 1000 for w in weights), "gradnorm.channel_weights must be in [0, 1000]")
     e = cfg.edge
-    _check(e.weight_max is None or e.weight_max >= e.weight, f"edge.weight_max={e.weight_max} must be at least "
-                                                             f"edge.weight={e.weight}")
-    _check(cfg.data.root is None or Path(cfg.data.root).is_dir(), f"data.root={cfg.data.root} is not a folder; point "
-                                                                  f"it at the dataset's folder")
-    _check(cfg.data.val_subset is None or Path(cfg.data.val_subset).is_file(), f"data.val_subset={cfg.data.val_subset} "
-                                                                               f"does not exist; give a file listing "
-                                                                               f"validation images")
+    _require(e.weight_max is None or e.weight_max >= e.weight,
+             f"edge.weight_max={e.weight_max} must be at least edge.weight={e.weight}")
+    _require(cfg.data.root is None or Path(cfg.data.root).is_dir(),
+             f"data.root={cfg.data.root} is not a folder; point it at the dataset's folder")
+    _require(cfg.data.val_subset is None or Path(cfg.data.val_subset).is_file(),
+             f"data.val_subset={cfg.data.val_subset} does not exist; give a file listing validation images")
 
 
 def _check_rand_augment(spec: str) -> None:

@@ -287,7 +287,7 @@ def _timed(step: MethodStep, x: torch.Tensor, y: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def _check(settings: BenchSettings) -> None:
+def _check_counts(settings: BenchSettings) -> None:
     for flag, value, least in (("--steps", settings.steps, 1), ("--batch", settings.batch, 1),
                                ("--warmup", settings.warmup, 0), ("--input-size", settings.input_size, 1),
                                ("--channels", settings.channels, 1)):
@@ -311,7 +311,7 @@ def _check_input(model: nn.Module, x: torch.Tensor, name: str) -> None:
 def run_bench(settings: BenchSettings) -> dict:
     """Measure every method of ``settings``; returns the JSON-ready result (``methods``: per method, its
     ``seconds_per_step``, ``passes``, ``peak_memory_bytes``, ``relative_to_pgd`` and ``flops``)."""
-    _check(settings)
+    _check_counts(settings)
     methods = parse_methods(settings.methods)
     cfg = bench_config(settings)
     device = select_device(settings.device)

@@ -19,7 +19,7 @@ SANITY_CHECKS = ("deterministic", "large eps reaches chance", "more iterations",
                  "transfer weaker", "black-box weaker", "autoattack flags")
 
 
-def _check(name: str, ok: bool | None, numbers: dict, detail: str) -> dict:
+def _verdict(name: str, ok: bool | None, numbers: dict, detail: str) -> dict:
     status = "SKIP" if ok is None else ("PASS" if ok else "WARN")
     return {"check": name, "status": status, "numbers": numbers, "detail": detail}
 
@@ -61,9 +61,9 @@ class _Rows:
 def _determinism_check(model: nn.Module, ds: Dataset, ctx: Context, s: EvalSettings) -> dict:
     with eval_mode(model):
         same = deterministic(model, ds, ctx, s)
-    return _check("deterministic", same, {}, "two forward passes in eval mode give the same logits" if same else
-                  "two forward passes in eval mode differ: dropout or other randomness is on, which masks gradients; "
-                  "evaluate a deterministic model")
+    return _verdict("deterministic", same, {}, "two forward passes in eval mode give the same logits" if same else
+                    "two forward passes in eval mode differ: dropout or other randomness is on, which masks gradients; "
+                    "evaluate a deterministic model")
 
 
 def _white_box_checks(rows: _Rows, eps: float, k: int, num_classes: int) -> tuple[list[dict], dict]:
@@ -75,23 +75,24 @@ def _white_box_checks(rows: _Rows, eps: float, k: int, num_classes: int) -> tupl
     change = abs(single["robust_acc"] - double["robust_acc"]) * 100
     (l2dir,) = rows.get(["pgd-l2dir"], [eps], (k,))
     checks = [
-        _check("large eps reaches chance", huge["robust_acc"] <= chance,
-               {"eps": big, "robust_acc": huge["robust_acc"], "chance": chance},
-               f"PGD-{k} at eps {big:.4g} leaves {100 * huge['robust_acc']:.2f}% (chance {100 * chance:.2f}%)"),
-        _check("more iterations", change < 0.5,
-               {f"pgd-{k}": single["robust_acc"], f"pgd-{2 * k}": double["robust_acc"], "change_points": change},
-               f"doubling PGD steps {k} -> {2 * k} changes robust accuracy by {change:.2f} points (want < 0.5)"),
-        _check("l2 direction weaker", l2dir["robust_acc"] >= single["robust_acc"],
-               {"pgd-l2dir": l2dir["robust_acc"], "pgd": single["robust_acc"]},
-               "the L2-direction attack should not beat the sign attack under an L-infinity constraint"),
+        _verdict("large eps reaches chance", huge["robust_acc"] <= chance,
+                 {"eps": big, "robust_acc": huge["robust_acc"], "chance": chance},
+                 f"PGD-{k} at eps {big:.4g} leaves {100 * huge['robust_acc']:.2f}% (chance {100 * chance:.2f}%)"),
+        _verdict("more iterations", change < 0.5,
+                 {f"pgd-{k}": single["robust_acc"], f"pgd-{2 * k}": double["robust_acc"], "change_points": change},
+                 f"doubling PGD steps {k} -> {2 * k} changes robust accuracy by {change:.2f} points (want < 0.5)"),
+        _verdict("l2 direction weaker", l2dir["robust_acc"] >= single["robust_acc"],
+                 {"pgd-l2dir": l2dir["robust_acc"], "pgd": single["robust_acc"]},
+                 "the L2-direction attack should not beat the sign attack under an L-infinity constraint"),
     ]
     if rows.s.source is not None:
         (transfer,) = rows.get(["transfer"], [eps])
-        checks.append(_check("transfer weaker", transfer["robust_acc"] >= single["robust_acc"],
-                             {"transfer": transfer["robust_acc"], "white_box": single["robust_acc"]},
-                             "examples made on another model should fool this one less than its own white-box attack"))
+        checks.append(_verdict("transfer weaker", transfer["robust_acc"] >= single["robust_acc"],
+                               {"transfer": transfer["robust_acc"], "white_box": single["robust_acc"]},
+                               "examples made on another model should fool this one less than its own white-box "
+                               "attack"))
     else:
-        checks.append(_check("transfer weaker", None, {}, "no --source model given"))
+        checks.append(_verdict("transfer weaker", None, {}, "no --source model given"))
     return checks, single
 
 
@@ -100,11 +101,11 @@ def _black_box_checks(rows: _Rows, eps: float, pgd_row: dict) -> list[dict]:
     (aa,) = rows.get(["autoattack"], [eps])
     flags = aa.get("warnings", []) + square.get("warnings", [])
     return [
-        _check("black-box weaker", square["robust_acc"] >= min(aa["robust_acc"], pgd_row["robust_acc"]),
-               {"square": square["robust_acc"], "autoattack": aa["robust_acc"], "pgd": pgd_row["robust_acc"]},
-               "the black-box Square attack should not beat the white-box attacks"),
-        _check("autoattack flags", not flags, {"warnings": flags},
-               "AutoAttack raised no flags" if not flags else "; ".join(flags)),
+        _verdict("black-box weaker", square["robust_acc"] >= min(aa["robust_acc"], pgd_row["robust_acc"]),
+                 {"square": square["robust_acc"], "autoattack": aa["robust_acc"], "pgd": pgd_row["robust_acc"]},
+                 "the black-box Square attack should not beat the white-box attacks"),
+        _verdict("autoattack flags", not flags, {"warnings": flags},
+                 "AutoAttack raised no flags" if not flags else "; ".join(flags)),
     ]
 
 
