@@ -78,11 +78,22 @@ def _gradnorm_step(model: nn.Module, size: int) -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_gradnorm_runs_on_timm_vit():
+def test_gradnorm_runs_on_timm_vit(monkeypatch):
     # timm's ViT uses fused scaled-dot-product attention, which has no double backward on CPU.
     model = models.create("vit_tiny_patch16_224", 10, img_size=32, patch_size=8, depth=2)
     assert any(getattr(m, "fused_attn", False) for m in model.modules())
+    backends = []  # which kernels attention could choose, at each of its calls
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        backends.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                         torch.backends.cuda.math_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
     _gradnorm_step(model, 32)
+    assert len(backends) == 2  # one forward through the two blocks: the double backward reuses its graph
+    assert set(backends) == {(False, False, True)}, "only the math kernel, which has a double backward, was allowed"
 
 
 def test_gradnorm_runs_on_timm_swin():

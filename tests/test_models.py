@@ -46,6 +46,7 @@ def test_normalization_is_applied_exactly_once():
 def test_timm_model_has_no_internal_normalization_and_default_stats():
     model = models.create("resnet18", 10)
     torch.testing.assert_close(model.normalize.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    torch.testing.assert_close(model.normalize.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
 
 
 def test_bn_eval_keeps_batchnorm_in_eval_mode():

@@ -21,7 +21,8 @@ from natgrad.errors import Preempted, UserError
 from natgrad.evaluation import write_or_keep as _write_or_keep
 from natgrad.report import write_report
 from natgrad.reproduce import run_reproduce
-from natgrad.rundir import ANALYSIS, refuse_symlinks
+from natgrad.rundir import refuse_symlinks
+from natgrad.runfiles import ANALYSIS, ANALYSIS_JSON
 from natgrad.signals import StopSignals
 
 
@@ -107,8 +108,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                                 power_iterations=args.power_iterations, seed=args.seed, progress=not args.quiet)
     summary, arrays = evaluation.analyze_model(loaded, ds, settings)
     text = json.dumps(summary, indent=2, default=str)
-    _write_or_keep(lambda: write_analysis(summary, arrays, out), text, out / "analysis.json", "analysis numbers")
-    path = out / "analysis.json"
+    path = out / ANALYSIS_JSON
+    _write_or_keep(lambda: write_analysis(summary, arrays, out), text, path, "analysis numbers")
     print(_analysis_table(summary))
     print(f"natgrad: analysis in {path}")
     return 0

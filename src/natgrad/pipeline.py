@@ -31,7 +31,7 @@ from natgrad.engine import bench
 from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.checkpoint import atomic_write_text
 from natgrad.engine.distributed import barrier, setup
-from natgrad.engine.train import CHECKPOINT, train
+from natgrad.engine.train import train
 from natgrad.errors import Preempted, UserError
 from natgrad.rundir import RunDir
 
@@ -171,7 +171,7 @@ def check_runs(out: Path, grid: Grid, sizes: PipelineSettings) -> None:
     gives now (a recipe changed since): its results would not belong to this grid."""
 
     for e in grid.experiments:
-        if (out / e.name / "config.yaml").is_file():
+        if RunDir(out / e.name).is_run():
             diff = config.differences(run_config(out / e.name), e.config(sizes, out, with_init=False),
                                       ignore=(*config.RESUME_FREE_KEYS, "init"))
             if diff:
@@ -198,7 +198,7 @@ def train_stage(out: Path, e: Experiment, sizes: PipelineSettings, progress: boo
 
     cfg = e.config(sizes, out)
     run = out / e.name
-    if (run / CHECKPOINT).is_file():
+    if RunDir(run).checkpoint.is_file():
         train(cfg, run, resume=True, progress=progress)
         return
     if run.exists():  # stopped before its first checkpoint: nothing worth keeping
@@ -257,7 +257,7 @@ def analyze_stage(run: Path, s: PipelineSettings, progress: bool) -> None:
     ds = evaluation.eval_dataset(cfg, s.n_analysis)
     settings = AnalysisSettings(eps=cfg.eps, power_iterations=s.power_iterations, progress=progress)
     summary, arrays = evaluation.analyze_model(loaded, ds, settings)
-    write_analysis(summary, arrays, run / "analysis")
+    write_analysis(summary, arrays, RunDir(run).analysis)
 
 
 @dataclasses.dataclass
@@ -289,7 +289,7 @@ def stages(out: Path, grid: Grid, s: PipelineSettings, progress: bool) -> list[S
         run = out / e.name
         result.append(Stage(
             f"analyze {e.name}", f"gradient analyses of {e.name} ({s.n_analysis} images, "
-            f"{s.power_iterations} power iterations)", (RunDir(run).analysis / "analysis.json").is_file,
+            f"{s.power_iterations} power iterations)", RunDir(run).analysis_json.is_file,
             functools.partial(analyze_stage, run, s, progress)))
     return result
 
@@ -349,9 +349,9 @@ def result_rows(out: Path, grid: Grid) -> list[dict]:
     rows = []
     for e in grid.experiments:
         run = out / e.name
-        ev, an, summary = (read_json(run / "eval.json"), read_json(run / "analysis" / "analysis.json"),
-                           read_json(run / "summary.json"))
-        cfg = run_config(run) if (run / "config.yaml").is_file() else None
+        rundir = RunDir(run)
+        ev, an, summary = read_json(rundir.eval_json), read_json(rundir.analysis_json), read_json(rundir.summary)
+        cfg = run_config(run) if rundir.is_run() else None
         eps = summary.get("eps")
         results = ev.get("results", [])
         clean: dict = next((r for r in results if r["attack"] == "clean"), {})

@@ -17,18 +17,21 @@ from natgrad.build import LoadedModel, load_trained
 from natgrad.config import RunConfig, from_dict, read_yaml_mapping, validate
 from natgrad.errors import UserError
 from natgrad.files import is_leftover
+from natgrad.runfiles import (
+    ANALYSIS,
+    ANALYSIS_JSON,
+    AUTOATTACK_STATE,
+    CHECKPOINT,
+    CHECKPOINTS,
+    CONFIG,
+    EMA_WEIGHTS,
+    EVAL,
+    LOCK,
+    METRICS,
+    SUMMARY,
+    WEIGHTS,
+)
 
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
-CHECKPOINTS = "checkpoints"
-CHECKPOINT = Path(CHECKPOINTS) / "last.pt"
-WEIGHTS = "model.safetensors"
-EMA_WEIGHTS = "model_ema.safetensors"
-SUMMARY = "summary.json"
-EVAL = "eval.json"
-ANALYSIS = "analysis"
-AUTOATTACK_STATE = "autoattack-state"
-LOCK = ".natgrad.lock"
 # Everything natgrad writes into a run folder, checked for symlinks before a run writes there.
 OWN = (CONFIG, METRICS, CHECKPOINTS, str(CHECKPOINT), WEIGHTS, EMA_WEIGHTS, SUMMARY, EVAL, ANALYSIS, AUTOATTACK_STATE)
 
@@ -76,6 +79,10 @@ class RunDir:
     @property
     def analysis(self) -> Path:
         return self.path / ANALYSIS
+
+    @property
+    def analysis_json(self) -> Path:
+        return self.path / ANALYSIS / ANALYSIS_JSON
 
     @property
     def autoattack_state(self) -> Path:

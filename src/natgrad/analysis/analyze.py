@@ -36,6 +36,7 @@ from natgrad.choices import ANALYSES, Analysis
 from natgrad.errors import UserError, did_you_mean
 from natgrad.files import TEMP_PREFIX
 from natgrad.gradients import LossFn, eval_mode, frozen_parameters, loss_and_gradient
+from natgrad.runfiles import ANALYSIS_JSON
 
 BatchSource = Callable[[str, int, bool], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 """``(description, batch size, progress) ->`` the seeded batches of the images to analyse, on the model's device
@@ -240,7 +241,7 @@ def _finite_or_null(value: Any) -> Any:
 def check_out(out: Path) -> None:
     """``out`` must be new, empty or an earlier analysis folder, since writing replaces it."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "analysis.json").is_file())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ANALYSIS_JSON).is_file())):
         raise UserError(f"--out {out} exists and is not an analysis folder (no analysis.json); "
                         "give a new folder, since writing replaces it")
 
@@ -260,7 +261,7 @@ def write_analysis(summary: dict[str, Any], arrays: dict[str, Any], out: Path) -
     try:
         title = f"{summary.get('model', '')} ({summary.get('method', '')}, n={summary['n']})"
         summary = {**summary, "figures": draw_all(summary, arrays, tmp, title)}
-        (tmp / "analysis.json").write_text(json.dumps(_finite_or_null(summary), indent=2, allow_nan=False))
+        (tmp / ANALYSIS_JSON).write_text(json.dumps(_finite_or_null(summary), indent=2, allow_nan=False))
         tmp.chmod(0o755)  # mkdtemp makes it private; an analysis folder is as readable as its run folder
         if out.exists():
             shutil.rmtree(out)
@@ -268,4 +269,4 @@ def write_analysis(summary: dict[str, Any], arrays: dict[str, Any], out: Path) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out / "analysis.json"
+    return out / ANALYSIS_JSON

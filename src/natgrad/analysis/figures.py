@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from natgrad.files import atomic_write
+
 FIGURES = {"gradients": ("gradient_norms", "gradient-norms.png"), "channels": ("channels", "channels.png"),
            "edges": ("edges", "edges.png"), "geometry": ("curvature", "curvature.png"),
            "linearity": ("linearity", "linearity.png"), "along_attack": ("along_attack", "along-attack.png"),
@@ -34,10 +36,18 @@ def _stairs(ax, hist: dict, label: str, **kw: Any) -> None:
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     _plt().close(fig)
+
+
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend: bool = False) -> None:
+    """Label one panel and write the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if legend:
+        ax.legend(fontsize=8)
+    _save(fig, path)
 
 
 def _gradient_norms(summary: dict, arrays: dict, path: Path, title: str) -> None:
@@ -46,11 +56,7 @@ def _gradient_norms(summary: dict, arrays: dict, path: Path, title: str) -> None
     hists = summary["gradients"]["histograms"]
     for key, color in (("all", "0.4"), ("correct", "tab:blue"), ("incorrect", "tab:red")):
         _stairs(ax, hists[key], key, color=color)
-    ax.set_xlabel(r"$\|\nabla_x \mathcal{L}\|_1$ per image")
-    ax.set_ylabel("images")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, title, r"$\|\nabla_x \mathcal{L}\|_1$ per image", "images", legend=True)
 
 
 def _channels(summary: dict, arrays: dict, path: Path, title: str) -> None:
@@ -62,11 +68,7 @@ def _channels(summary: dict, arrays: dict, path: Path, title: str) -> None:
         colors = ["tab:red", "tab:green", "tab:blue"] + [None] * len(channels["per_channel"])
         for c, (hist, color) in enumerate(zip(channels["per_channel"], colors)):
             _stairs(ax, hist, f"channel {c}", color=color)
-    ax.set_xlabel(r"$|\partial \mathcal{L} / \partial x|$ per pixel and channel")
-    ax.set_ylabel("values")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, title, r"$|\partial \mathcal{L} / \partial x|$ per pixel and channel", "values", legend=True)
 
 
 def _edges(summary: dict, arrays: dict, path: Path, title: str) -> None:
@@ -90,10 +92,7 @@ def _curvature(summary: dict, arrays: dict, path: Path, title: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
     _stairs(ax, summary["geometry"]["curvature_histogram"], "normalized curvature", color="tab:blue")
-    ax.set_xlabel(r"$C_\mathcal{L} = \|\nabla^2 \mathcal{L}\|_2 / \|\nabla \mathcal{L}\|_2$")
-    ax.set_ylabel("images")
-    ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    _finish(fig, ax, path, title, r"$C_\mathcal{L} = \|\nabla^2 \mathcal{L}\|_2 / \|\nabla \mathcal{L}\|_2$", "images")
 
 
 def _linearity(summary: dict, arrays: dict, path: Path, title: str) -> None:
@@ -101,10 +100,7 @@ def _linearity(summary: dict, arrays: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
     hist = summary["linearity"]["log10_histogram"]
     ax.stairs(hist["counts"], hist["edges"], color="tab:green", fill=True, alpha=0.6)
-    ax.set_xlabel(r"$\log_{10}$(local linearity error $+ 10^{-17}$)")
-    ax.set_ylabel("images")
-    ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    _finish(fig, ax, path, title, r"$\log_{10}$(local linearity error $+ 10^{-17}$)", "images")
 
 
 def _along_attack(summary: dict, arrays: dict, path: Path, title: str) -> None:

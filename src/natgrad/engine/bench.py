@@ -72,13 +72,17 @@ class PassCounts:
         return dataclasses.asdict(self)
 
 
-class _CountBackward(torch.autograd.Function):
-    """Identity on the logits; its backward counts one backward pass."""
+class _Identity(torch.autograd.Function):
+    """Identity on a tensor, keeping the counts for its subclasses' backward."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, counts: PassCounts) -> torch.Tensor:
+    def forward(ctx: Any, t: torch.Tensor, counts: PassCounts) -> torch.Tensor:
         ctx.counts = counts
-        return logits.view_as(logits)
+        return t.view_as(t)
+
+
+class _CountBackward(_Identity):
+    """Identity on the logits; its backward counts one backward pass."""
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -86,13 +90,8 @@ class _CountBackward(torch.autograd.Function):
         return grad, None
 
 
-class _CountDoubleBackward(torch.autograd.Function):
+class _CountDoubleBackward(_Identity):
     """Identity on the input gradient; its backward runs when a later backward goes back through that gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, grad: torch.Tensor, counts: PassCounts) -> torch.Tensor:
-        ctx.counts = counts
-        return grad.view_as(grad)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -100,13 +99,8 @@ class _CountDoubleBackward(torch.autograd.Function):
         return grad, None
 
 
-class _MarkInputGradient(torch.autograd.Function):
+class _MarkInputGradient(_Identity):
     """Identity on the input; under ``create_graph`` its backward marks the input gradient it returns."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, counts: PassCounts) -> torch.Tensor:
-        ctx.counts = counts
-        return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

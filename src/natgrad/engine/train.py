@@ -42,7 +42,6 @@ from natgrad.evaluation import evaluate
 from natgrad.objectives import Objective
 from natgrad.progress import Progress
 from natgrad.rundir import (
-    CHECKPOINT,
     RunDir,
     RunLock,
     is_empty,
@@ -548,4 +547,4 @@ def _epoch_line(m: dict, epochs: int) -> str:
     return "natgrad: " + ", ".join(parts)
 
 
-__all__ = ["CHECKPOINT", "MIN_FREE_BYTES", "train"]  # CHECKPOINT: the pipelines' test for a run to resume
+__all__ = ["MIN_FREE_BYTES", "train"]

@@ -16,9 +16,10 @@ from natgrad.config import read_yaml_mapping
 from natgrad.digest import file_digest
 from natgrad.errors import UserError
 from natgrad.report.formatting import is_number
+from natgrad.runfiles import ANALYSIS, ANALYSIS_JSON, CONFIG, EVAL, METRICS, SUMMARY
 
-ANALYSIS_FILE = Path("analysis") / "analysis.json"
-EVAL_FILE = Path("eval.json")
+ANALYSIS_FILE = Path(ANALYSIS) / ANALYSIS_JSON
+EVAL_FILE = Path(EVAL)
 
 
 @dataclass
@@ -118,15 +119,15 @@ def load_run(path: Path) -> Run:
     """One run folder; it must exist and hold ``config.yaml``."""
     if not path.exists():
         raise UserError(f"{path} does not exist; {FIX}")
-    if not path.is_dir() or not (path / "config.yaml").is_file():
+    if not path.is_dir() or not (path / CONFIG).is_file():
         raise UserError(f"{path} is not a natgrad run folder (no config.yaml); {FIX}")
     try:
-        config = read_yaml_mapping(path / "config.yaml", str(path / "config.yaml"))
+        config = read_yaml_mapping(path / CONFIG, str(path / CONFIG))
     except UserError as e:
         raise UserError(f"{e}; {FIX}") from None
     run = Run(path=path, label=path.resolve().name or str(path), config=config)
-    run.summary = _read_json(path / "summary.json", run) or {}
-    run.metrics = _read_metrics(path / "metrics.jsonl", run)
+    run.summary = _read_json(path / SUMMARY, run) or {}
+    run.metrics = _read_metrics(path / METRICS, run)
     run.eval = _read_json(path / EVAL_FILE, run)
     if run.eval is not None and not isinstance(run.eval.get("results", []), list):
         run.problems.append(f"{EVAL_FILE} has no list of results")
