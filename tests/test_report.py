@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import os
@@ -121,7 +122,7 @@ def make_run(root: Path, name: str, *, metrics: bool = True, evaluation: bool = 
     v = MODELS[name]
     run = root / name
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(config.load(v["recipe"])), sort_keys=False))
+    (run / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config.load(v["recipe"])), sort_keys=False))
     shift = list(MODELS).index(name) * 3.0
     if metrics:
         lines = [{"epoch": e, "step": 100 * e, "train_loss": 1.5 / e + shift / 10, "clean_acc": v["clean"] - 0.1 / e,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -180,16 +181,15 @@ def test_bad_input_leaves_nothing(tmp_path, capsys):
 
 
 def test_a_run_trained_with_another_recipe_is_refused(tmp_path):
-    from natgrad import config
     from natgrad.pipeline import check_runs
 
     grid = reproduce.resolve("cifar10", "short")[1]
     natural = grid.experiments[0]
     cfg = natural.config(SMALL, tmp_path)
     (tmp_path / natural.name).mkdir()
-    (tmp_path / natural.name / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg)))
+    (tmp_path / natural.name / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     check_runs(tmp_path, grid, SMALL)  # the same configuration: fine
     cfg.lr = cfg.lr * 2  # as if the recipe had changed after this model was trained
-    (tmp_path / natural.name / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg)))
+    (tmp_path / natural.name / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     with pytest.raises(UserError, match="trained with another configuration than cifar10-prn18-natural gives now .lr"):
         check_runs(tmp_path, grid, SMALL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -186,7 +187,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
     if args.keys:
-        defaults = config.flatten(config.to_dict(config.RunConfig()))
+        defaults = config.flatten(dataclasses.asdict(config.RunConfig()))
         for key in config.all_keys():
             print(f"{key} = {defaults[key]!r}")
         return 0

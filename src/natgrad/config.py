@@ -437,10 +437,6 @@ def load(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     return cfg
 
 
-def to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in data.items():
@@ -453,7 +449,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 def differences(a: RunConfig, b: RunConfig, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
     """Dotted keys whose values differ, as ``key: a -> b``."""
-    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
+    fa, fb = flatten(dataclasses.asdict(a)), flatten(dataclasses.asdict(b))
     return [f"{k}: {short(fa[k])} -> {short(fb[k])}" for k in fa if k not in ignore and fa[k] != fb[k]]
 
 
