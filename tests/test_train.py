@@ -140,19 +140,25 @@ def test_a_signal_checkpoints_the_current_step_and_resume_finishes_bit_for_bit(t
     assert_same_weights(weights(tmp_path / "full", "model_ema.safetensors"), weights(out, "model_ema.safetensors"))
 
 
-def test_non_finite_steps_can_be_skipped_and_are_counted(tmp_path, capsys):
+def _non_finite_at(steps: tuple[int, ...]) -> type:
+    """The natural objective with an infinite loss at the given calls (counted from 1)."""
+
     class NaNAtSomeSteps(Natural):
         calls = 0
 
         def __call__(self, x, y, epoch_fraction=0.0):
             NaNAtSomeSteps.calls += 1
             out = super().__call__(x, y, epoch_fraction)
-            if NaNAtSomeSteps.calls in (3, 6, 11):
+            if NaNAtSomeSteps.calls in steps:
                 out["loss"] = out["loss"] * float("inf")
             return out
 
+    return NaNAtSomeSteps
+
+
+def test_non_finite_steps_can_be_skipped_and_are_counted(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(objectives.REGISTRY, "natural", NaNAtSomeSteps)
+        mp.setitem(objectives.REGISTRY, "natural", _non_finite_at((3, 6, 11)))
         out = tmp_path / "run"
         assert run_cli(["train", "fmnist-natural", *TINY, "epochs=2", "on_nonfinite=skip", "--out", str(out),
                         "--quiet"], capsys)[0] == 0
@@ -177,18 +183,8 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
 
 
 def test_a_skipped_first_step_does_not_break_the_progress_line(tmp_path, capsys):
-    class NaNFirst(Natural):
-        calls = 0
-
-        def __call__(self, x, y, epoch_fraction=0.0):
-            NaNFirst.calls += 1
-            out = super().__call__(x, y, epoch_fraction)
-            if NaNFirst.calls == 1:
-                out["loss"] = out["loss"] * float("inf")
-            return out
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(objectives.REGISTRY, "natural", NaNFirst)
+        mp.setitem(objectives.REGISTRY, "natural", _non_finite_at((1,)))
         out = tmp_path / "run"
         assert run_cli(["train", "fmnist-natural", *TINY, "on_nonfinite=skip", "--out", str(out)], capsys)[0] == 0
     assert [json.loads(line).get("skipped_steps") for line in (out / "metrics.jsonl").read_text().splitlines()][0] == 1
