@@ -146,7 +146,7 @@ def _plan(settings: RunSettings, loaded: LoadedModel, run: RunDir | None, ctx: C
                          batch_size=part.batch_size or settings.batch_size, seed=settings.seed,
                          aa_attacks=settings.aa_attacks, source=src.model if src else None, sweep_eps=sweep_eps,
                          progress=settings.progress, square_queries=settings.square_queries)
-        default_state = autoattack_state_dir(run.path, loaded.model, s, n) if run else None
+        default_state = autoattack_state_dir(run.path, loaded.sha256, s, n) if run else None
         plan.append(_Planned(part, dataclasses.replace(s, state_dir=settings.aa_state or default_state), ds, n,
                              default_state))
     return plan

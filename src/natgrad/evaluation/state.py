@@ -8,17 +8,15 @@ import json
 import shutil
 from pathlib import Path
 
-from torch import nn
-
-from natgrad.digest import model_digest
 from natgrad.evaluation.settings import EvalSettings
 from natgrad.rundir import RunDir
 
 
-def autoattack_state_dir(run: Path, model: nn.Module, s: EvalSettings, n: int) -> Path:
-    """A folder per digest of the weights and of every setting that decides AutoAttack's work, so that an
-    interrupted evaluation continues and no other weights or settings can ever pick its numbers up."""
-    what = json.dumps([model_digest(model), s.attacks, s.eps, n, s.seed, s.batch_size, s.square_queries,
+def autoattack_state_dir(run: Path, weights_sha256: str, s: EvalSettings, n: int) -> Path:
+    """A folder per digest of the weights (``digest.model_digest`` of the loaded model) and of every setting
+    that decides AutoAttack's work, so that an interrupted evaluation continues and no other weights or
+    settings can ever pick its numbers up."""
+    what = json.dumps([weights_sha256, s.attacks, s.eps, n, s.seed, s.batch_size, s.square_queries,
                        s.aa_attacks])
     return RunDir(run).autoattack_state / hashlib.sha256(what.encode()).hexdigest()[:16]
 
