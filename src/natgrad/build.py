@@ -10,7 +10,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from natgrad import models, objectives
-from natgrad.choices import DEVICES
+from natgrad.choices import DEVICES, TrainMode
 from natgrad.config import RunConfig
 from natgrad.datainfo import info
 from natgrad.digest import model_digest
@@ -44,29 +44,37 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def build_model(cfg: RunConfig, channels: int | None = None, input_size: int | None = None) -> nn.Module:
+def build_model(cfg: RunConfig, channels: int | None = None, input_size: int | None = None,
+                pretrained: bool = False) -> nn.Module:
     """The configured model with the dataset's classes and normalization inside.
 
     Args:
         channels: input channels when they differ from the dataset's (the benchmark's shapes); the
             normalization is then the identity.
         input_size: the image size a vision transformer is built for (convolutional nets take any size).
+        pretrained: load ``model.pretrained``'s weights (a fresh run without ``init``); otherwise the weights are
+            random (to be overwritten by a checkpoint). With ``model.pretrained`` set, the normalization is
+            always the pretrained config's, so both builds are the same model.
     """
+    m = cfg.model
     di = info(cfg.data)
     channels = di.in_chans if channels is None else channels
-    same = channels == di.in_chans
+    own_stats = channels == di.in_chans and not m.pretrained
     kwargs: dict[str, Any] = {}
-    if cfg.model.name not in models.BUILTIN:
-        kwargs = {"drop_rate": cfg.model.drop, "drop_path_rate": cfg.model.drop_path}
-        if input_size is not None and models.takes_img_size(cfg.model.name):
+    if m.name not in models.BUILTIN:
+        kwargs = {"drop_rate": m.drop, "drop_path_rate": m.drop_path}
+        if input_size is not None and models.takes_img_size(m.name):
             kwargs["img_size"] = input_size
-    return models.create(cfg.model.name, di.num_classes, channels, act=cfg.model.act, bn_eval=cfg.model.bn_eval,
-                         mean=di.mean if same else None, std=di.std if same else None, **kwargs)
+    return models.create(m.name, di.num_classes, channels, act=m.act, bn_eval=m.bn_eval,
+                         train_mode=cast(TrainMode, m.train_mode),
+                         mean=di.mean if own_stats else None, std=di.std if own_stats else None,
+                         pretrained=m.pretrained if pretrained else False, **kwargs)
 
 
 def _gradnorm_params(cfg: RunConfig) -> dict[str, Any]:
     g, a = cfg.gradnorm, cfg.attack
-    params = {"eps": cfg.eps, "ce_weight": g.ce_weight, "gn_weight": g.gn_weight, "warmup_epochs": g.warmup_epochs,
+    params = {"eps": cfg.eps, "penalty_eps": g.eps, "ce_weight": g.ce_weight, "gn_weight": g.gn_weight,
+              "warmup_epochs": g.warmup_epochs,
               "norm": g.norm, "channel_weights": g.channel_weights, "input_noise": g.input_noise,
               "noise_std": g.noise_std, "attack_steps": a.steps, "attack_step_size": a.step_size,
               "attack_random_start": a.random_start}

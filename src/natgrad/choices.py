@@ -36,3 +36,9 @@ ANALYSES: tuple[Analysis, ...] = get_args(Analysis)
 MIXUP_MODES: tuple[MixupMode, ...] = get_args(MixupMode)
 ERASE_MODES: tuple[EraseMode, ...] = get_args(EraseMode)
 INTERPOLATIONS: tuple[Interpolation, ...] = get_args(Interpolation)
+
+TrainMode = Literal["train", "eval"]
+TRAIN_MODES: tuple[TrainMode, ...] = get_args(TrainMode)
+
+# natgrad's own nets (natgrad.models.BUILTIN); every other model name is timm's.
+BUILTIN_NETS = ("cnn-small", "preact-resnet18")

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from natgrad.choices import (
+    BUILTIN_NETS,
     DATASETS,
     DEVICES,
     EDGE_COSINES,
@@ -35,6 +36,7 @@ from natgrad.choices import (
     MIXUP_MODES,
     ON_NONFINITE,
     SCHEDULES,
+    TRAIN_MODES,
 )
 from natgrad.datainfo import info
 from natgrad.errors import UserError, check_choice, did_you_mean, short
@@ -82,7 +84,9 @@ class AugConfig:
 class ModelConfig:
     name: str = "cnn-small"
     act: str | None = None  # replace every activation module (relu, gelu, silu, ...)
-    bn_eval: bool = False  # keep BatchNorm in eval mode while training (paper Section 4.2)
+    pretrained: bool | str = False  # timm models: true (timm's weights of the name's tag) or a checkpoint path
+    train_mode: str = "train"  # eval: the whole model in eval mode while training (the authors' code, every method)
+    bn_eval: bool = False  # keep only BatchNorm in eval mode while training
     drop_path: float = 0.0
     drop: float = 0.0
 
@@ -113,6 +117,7 @@ class GradNormConfig:
     channel_weights: list[float] | None = None  # c, one weight per image channel (Section 5.2: [1, 2, 1])
     input_noise: str = "none"  # none | gaussian | uniform | pgd: take the loss at a perturbed input (Table 8)
     noise_std: float | None = None  # gaussian noise std in pixel units (default eps)
+    eps: float | None = None  # the penalty's eps (default the run's eps; the authors' CIFAR-10 code: 4/255 at 8/255)
     fd_step: float | None = None  # gradnorm-fd: finite-difference step h in pixel units (default eps / 32)
 
 
@@ -155,7 +160,8 @@ class EvalConfig:
 class RunConfig:
     method: str = "natural"
     epochs: int = 1
-    batch_size: int = 128  # global batch: split evenly across torchrun processes
+    batch_size: int = 128  # global batch per optimizer step: split across torchrun processes and accum_steps
+    accum_steps: int = 1  # micro-batches accumulated per optimizer step (each process)
     lr: float = 1.0e-3
     eps: float = 0.1  # attack / GradNorm radius in pixel units of [0, 1] images
     seed: int = 0
@@ -176,6 +182,15 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ``init: stage:RECIPE`` in a recipe: it fine-tunes the model that RECIPE trains, whose run folder must be given.
+STAGE_PREFIX = "stage:"
+
+
+def init_stage(cfg: RunConfig) -> str | None:
+    """The recipe whose model ``cfg`` must start from (``init: stage:RECIPE``), or None."""
+    return cfg.init[len(STAGE_PREFIX):] if cfg.init and cfg.init.startswith(STAGE_PREFIX) else None
 
 
 # Keys that may differ between a run and its --resume without changing what it computes.
@@ -354,6 +369,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if bool in inner and isinstance(value, bool):
+            return value
+        for arm in inner[1:]:  # a later arm that takes the value as it is (``bool | str``: a path)
+            if arm is not bool and isinstance(value, arm):
+                return value
         return _coerce(key, value, inner[0])
     if typ is bool:
         if isinstance(value, bool):
@@ -502,7 +522,8 @@ UNIT = Range(0.0, 1.0, interval=True)
 PIXELS = Range(0.0, 1.0, open_low=True, note="pixel units of [0, 1] images")
 # Every numeric key, with its range; null (where a key allows it) is always accepted.
 RANGES: dict[str, Range] = {
-    "epochs": Range(1, 1_000_000), "batch_size": Range(1, 2**20), "lr": Range(0.0, 10.0, open_low=True),
+    "epochs": Range(1, 1_000_000), "batch_size": Range(1, 2**20), "accum_steps": Range(1, 65536),
+    "lr": Range(0.0, 10.0, open_low=True),
     "eps": Range(0.0, 1.0, note="eps is in pixel units of [0, 1] images (e.g. eps=4/255)", interval=True),
     "seed": Range(0, 2**32 - 1), "ema_decay": Range(0.0, 1.0, True, True, interval=True),
     "checkpoint_every": Range(0, 2**40,
@@ -522,7 +543,7 @@ RANGES: dict[str, Range] = {
     note="the largest gradient norm; null for no clipping"), "optim.warmup_epochs": Range(0.0, 1_000_000),
     "optim.warmup_lr": Range(0.0, 10.0), "optim.min_lr": Range(0.0, 10.0),
     "gradnorm.ce_weight": Range(0.0, 1000.0), "gradnorm.gn_weight": Range(0.0, 1000.0),
-    "gradnorm.warmup_epochs": Range(0.0, 1_000_000), "gradnorm.noise_std": PIXELS,
+    "gradnorm.warmup_epochs": Range(0.0, 1_000_000), "gradnorm.noise_std": PIXELS, "gradnorm.eps": PIXELS,
     "gradnorm.fd_step": Range(0.0, 1.0, open_low=True, note="a finite-difference step in pixel units, e.g. 0.01"),
     "attack.steps": Range(1, 100_000), "attack.step_size": PIXELS, "attack.warmup_epochs": Range(0.0, 1_000_000),
     "edge.weight": Range(0.0, 1e6), "edge.weight_per_epoch": Range(0.0, 1e6), "edge.weight_max": Range(0.0, 1e6),
@@ -535,7 +556,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "data.name": DATASETS, "device": DEVICES, "optim.sched": SCHEDULES,
     "on_nonfinite": ON_NONFINITE, "aug.mixup_mode": MIXUP_MODES, "aug.remode": ERASE_MODES,
     "aug.interpolation": INTERPOLATIONS, "gradnorm.norm": GRADNORM_NORMS, "gradnorm.input_noise": INPUT_NOISES,
-    "edge.student": EDGE_STUDENTS, "edge.teacher": EDGE_TEACHERS, "edge.cosine": EDGE_COSINES,
+    "model.train_mode": TRAIN_MODES, "edge.student": EDGE_STUDENTS,
+    "edge.teacher": EDGE_TEACHERS, "edge.cosine": EDGE_COSINES,
 }
 
 
@@ -571,6 +593,11 @@ def validate(cfg: RunConfig) -> None:
         _require(len(weights) == channels, f"gradnorm.channel_weights has {len(weights)} entries but {cfg.data.name} "
                  f"images have {channels} channel(s); give one weight per channel")
         _require(all(0 <= w <= 1000 for w in weights), "gradnorm.channel_weights must be in [0, 1000]")
+    _require(cfg.accum_steps <= cfg.batch_size,
+             f"accum_steps={cfg.accum_steps} is more than batch_size={cfg.batch_size}; each micro-batch needs an image")
+    _require(not (cfg.model.pretrained and cfg.model.name in BUILTIN_NETS),
+             f"model.pretrained is for timm models; {cfg.model.name} is a natgrad net: start it from natgrad "
+             "weights with init=RUN_OR_FILE")
     e = cfg.edge
     _require(e.weight_max is None or e.weight_max >= e.weight,
              f"edge.weight_max={e.weight_max} must be at least edge.weight={e.weight}")

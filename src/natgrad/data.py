@@ -485,31 +485,54 @@ def build(cfg: RunConfig, split: str) -> Dataset:
     return fixed_subset(ds, limit, seed=1234 if split == "train" else 4321)
 
 
-class EpochBatches:
-    """Global batches of a seeded per-epoch permutation; each process takes its slice of every batch.
+def split_sizes(total: int, parts: int, unit: int = 1) -> list[int]:
+    """``total`` images in ``parts`` shares as equal as whole ``unit``s allow (the first shares the larger);
+    a remainder below ``unit`` goes to the first share."""
+    units, rest = divmod(total, unit)
+    q, r = divmod(units, parts)
+    sizes = [(q + (i < r)) * unit for i in range(parts)]
+    sizes[0] += rest
+    return sizes
 
-    The union over processes of batch ``b`` is the same set of images for any world size,
-    so a torchrun job sees exactly what one process with the same global batch sees.
-    ``batch_size`` must be a multiple of ``world``; the last partial batch is dropped.
+
+class EpochBatches:
+    """Global batches of a seeded per-epoch permutation; each process takes its share of every batch, in
+    ``accum`` micro-batches.
+
+    The union over processes and micro-batches of batch ``b`` is the same set of images for any world size
+    and accumulation, so a torchrun job sees exactly what one process with the same global batch sees.
+    Shares are as equal as ``unit`` allows (2 where mixup pairs images); the last partial batch is dropped.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0,
+                 accum: int = 1, unit: int = 1):
         self.perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         self.batch_size, self.rank, self.world, self.start = batch_size, rank, world, start
+        shares = split_sizes(batch_size, world, unit)
+        self.offset = sum(shares[:rank])
+        self.micro = split_sizes(shares[rank], accum, unit)
 
     def __len__(self) -> int:
-        return len(self.perm) // self.batch_size - self.start
+        return (len(self.perm) // self.batch_size - self.start) * len(self.micro)
 
     def __iter__(self) -> Iterator[list[int]]:
-        per = self.batch_size // self.world
         for b in range(self.start, len(self.perm) // self.batch_size):
-            lo = b * self.batch_size + self.rank * per
-            yield self.perm[lo : lo + per].tolist()
+            lo = b * self.batch_size + self.offset
+            for size in self.micro:
+                yield self.perm[lo : lo + size].tolist()
+                lo += size
+
+
+def mixup_unit(cfg: RunConfig) -> int:
+    """Images per indivisible unit of a batch: 2 where mixup or cutmix pair each image with another."""
+    return 2 if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0 else 1
 
 
 def train_loader(ds: Dataset, cfg: RunConfig, epoch: int, rank: int = 0, world: int = 1, start: int = 0) -> DataLoader:
-    """This process's batches of one epoch, skipping the first ``start`` (for resuming mid-epoch)."""
-    batches = EpochBatches(num_images(ds), cfg.batch_size, cfg.seed, epoch, rank, world, start)
+    """This process's micro-batches of one epoch (``accum_steps`` per optimizer step), skipping the first
+    ``start`` steps (for resuming mid-epoch)."""
+    batches = EpochBatches(num_images(ds), cfg.batch_size, cfg.seed, epoch, rank, world, start, cfg.accum_steps,
+                           mixup_unit(cfg))
     # A generator of our own keeps the loader from drawing on the global RNG (exact resume).
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     return DataLoader(ds, batch_sampler=batches, num_workers=cfg.data.num_workers, generator=gen,

@@ -6,7 +6,12 @@ dataset's standardized space inside the model, so attacks and epsilons live in p
 
 from __future__ import annotations
 
+import os
+import pickle
+import socket
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -15,7 +20,8 @@ from timm.layers import activations as timm_act
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from natgrad.errors import UserError, did_you_mean
+from natgrad.choices import BUILTIN_NETS, TrainMode
+from natgrad.errors import UserError, did_you_mean, short
 
 # Activation modules that ``act=`` replaces: torch's and timm's ReLU, GELU and SiLU families.
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -41,13 +47,16 @@ class Normalize(nn.Module):
 
 
 class Classifier(nn.Module):
-    """``net(normalize(x))``; with ``bn_eval`` its BatchNorm layers stay in eval mode in training."""
+    """``net(normalize(x))``. In training, ``train_mode="eval"`` keeps the whole net in eval mode (BatchNorm
+    statistics frozen, dropout and drop-path off: the authors' setting); ``bn_eval`` only its BatchNorm layers."""
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], bn_eval: bool = False):
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], bn_eval: bool = False,
+                 train_mode: TrainMode = "train"):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
         self.bn_eval = bn_eval
+        self.train_mode = train_mode
         self.train()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +64,9 @@ class Classifier(nn.Module):
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
-        if self.bn_eval:
+        if self.train_mode == "eval":
+            self.net.eval()
+        elif self.bn_eval:
             for m in self.modules():
                 if isinstance(m, _BatchNorm):
                     m.eval()
@@ -124,6 +135,7 @@ BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "cnn-small": cnn_small,
     "preact-resnet18": PreActResNet18,
 }
+assert tuple(BUILTIN) == BUILTIN_NETS
 BUILTIN_DEFAULT_ACT = {"cnn-small": "gelu", "preact-resnet18": "relu"}
 
 
@@ -162,6 +174,115 @@ def takes_img_size(name: str) -> bool:
     return bool(cfg is not None and cfg.fixed_input_size)
 
 
+def pretrained_tag(name: str) -> str:
+    """``name`` with timm's default pretrained tag when it has none (``resnet50`` -> ``resnet50.a1_in1k``)."""
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    tag = getattr(cfg, "tag", None) if cfg is not None else None
+    return name if "." in name or not tag else f"{name}.{tag}"
+
+
+def _check_timm_name(name: str) -> None:
+    """A timm model name, with a pretrained tag timm knows where one is given."""
+    if not timm.is_model(name.split(".")[0]):
+        hint = did_you_mean(name, list(BUILTIN) + timm.list_models())
+        raise UserError(f"unknown model {short(name)}{hint}; use cnn-small, preact-resnet18 or a name from "
+                        "timm.list_models()")
+    if "." in name and name not in timm.list_pretrained(name.split(".")[0] + ".*"):
+        tags = timm.list_pretrained(name.split(".")[0] + ".*")
+        raise UserError(f"timm has no pretrained tag {short(name)}{did_you_mean(name, tags)}; "
+                        f"timm.list_pretrained({name.split('.')[0]!r}+'.*') lists them")
+
+
+def _timm_net(name: str, num_classes: int, in_chans: int, pretrained: bool | str, **kwargs: Any) -> nn.Module:
+    """timm's model; ``pretrained`` True loads timm's own weights (its hub), a path loads that checkpoint through
+    timm's pretrained-config mechanism (classifier reset for another ``num_classes``, ``in_chans`` adapted)."""
+    net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if pretrained:
+        _load_pretrained(net, pretrained, num_classes, in_chans)
+    return net
+
+
+def _load_pretrained(net: nn.Module, pretrained: bool | str, num_classes: int, in_chans: int) -> None:
+    """timm's ``load_pretrained`` with the model's own pretrained config (a file in place of the hub's
+    weights) and its family's checkpoint filter; refuses a checkpoint that leaves any weight but the reset
+    classifier unloaded, or holds weights the model lacks (timm only logs those)."""
+    cfg = dict(net.pretrained_cfg)
+    if isinstance(pretrained, str):
+        cfg.update(file=pretrained, source="", state_dict=None)
+    arch = cfg["architecture"]
+    where = f"model.pretrained={pretrained}" if isinstance(pretrained, str) else f"timm's weights of {arch}"
+    filter_fn = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
+    results: list[Any] = []
+    load = net.load_state_dict
+
+    def recording(state_dict: Any, strict: bool = True, **kw: Any) -> Any:
+        results.append(load(state_dict, strict=strict, **kw))
+        return results[-1]
+
+    net.load_state_dict = recording  # type: ignore[method-assign]
+    try:
+        timm.models.load_pretrained(net, pretrained_cfg=cfg, num_classes=num_classes, in_chans=in_chans,
+                                    filter_fn=filter_fn, strict=True)
+    except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError, AssertionError) as e:
+        raise UserError(f"{where} does not fit {arch} ({type(e).__name__}: "
+                        f"{short(str(e), 160)}); give a checkpoint of this architecture (safetensors or a state "
+                        "dict)") from None
+    finally:
+        del net.load_state_dict
+    heads = cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    reset = {f"{h}.{p}" for h in heads for p in ("weight", "bias")} if num_classes != cfg.get("num_classes") else set()
+    missing = [k for k in (results[-1].missing_keys if results else ["everything"]) if k not in reset]
+    unexpected = list(results[-1].unexpected_keys) if results else []
+    if missing or unexpected:
+        problem = f"lacks {', '.join(missing[:3])}" if missing else f"has weights it lacks: {', '.join(unexpected[:3])}"
+        raise UserError(f"{where} does not fit {arch}: the checkpoint {problem}"
+                        f"{' ...' if len(missing or unexpected) > 3 else ''}; give a checkpoint of this architecture")
+
+
+HUB_HOST = "huggingface.co"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TIMM_OFFLINE"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_pretrained(name: str, pretrained: bool | str) -> None:
+    """Refuse, before any work, a ``model.pretrained`` that cannot load: a missing file, or timm's weights
+    neither in the local cache nor downloadable (no internet)."""
+    if not pretrained or name in BUILTIN:
+        return
+    if isinstance(pretrained, str):
+        if not Path(pretrained).is_file():
+            raise UserError(f"model.pretrained={short(pretrained)} is not a file; give a checkpoint (safetensors or "
+                            "a state dict) or true for timm's own weights")
+        return
+    _check_timm_name(name)
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise UserError(f"timm publishes no weights for {short(name)}; choose a tagged name from "
+                        f"timm.list_pretrained() or give model.pretrained=PATH")
+    hub_file = cfg.hf_hub_filename or "model.safetensors"
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
+               for f in (hub_file, "pytorch_model.bin")):
+            return
+    if _hub_reachable():
+        return
+    source = f"{hub_file} of hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+    raise UserError(f"model.pretrained=true needs timm's weights for {pretrained_tag(name)} ({source}) and "
+                    f"{HUB_HOST} cannot be reached; download that file on a machine with internet and give "
+                    "model.pretrained=PATH")
+
+
 def create(
     name: str,
     num_classes: int,
@@ -170,29 +291,35 @@ def create(
     bn_eval: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    train_mode: TrainMode = "train",
+    pretrained: bool | str = False,
     **kwargs: Any,
 ) -> Classifier:
     """Create a model that takes [0, 1] images.
 
     Args:
-        name: a built-in net (``cnn-small``, ``preact-resnet18``) or any timm model name.
+        name: a built-in net (``cnn-small``, ``preact-resnet18``) or any timm model name, optionally with a
+            pretrained tag (``resnet50.a1_in1k``) that selects timm's pretrained config.
         num_classes: output classes.
         in_chans: input channels.
-        act: replace every activation module with this one (``relu``, ``gelu``, ``silu``, ...).
+        act: replace every activation module with this one (``relu``, ``gelu``, ``silu``, ...), after
+            loading pretrained weights.
         bn_eval: keep BatchNorm layers in eval mode while training.
         mean: per-channel normalization mean (default: timm's pretrained config, or 0.5).
         std: per-channel normalization std (default: timm's pretrained config, or 0.5).
+        train_mode: ``eval`` keeps the whole net in eval mode while training.
+        pretrained: timm models only: True for timm's published weights, or a checkpoint file's path.
         **kwargs: passed to timm.create_model (e.g. ``img_size``, ``drop_path_rate``).
     """
     if name in BUILTIN:
+        if pretrained:
+            raise UserError(f"{name} is a natgrad net without published weights; model.pretrained is for timm "
+                            "models: start from natgrad weights with init=RUN_OR_FILE")
         net = BUILTIN[name](num_classes, in_chans, act_layer(act or BUILTIN_DEFAULT_ACT[name]))
         default_mean, default_std = (0.5,) * in_chans, (0.5,) * in_chans
     else:
-        if not timm.is_model(name):
-            hint = did_you_mean(name, list(BUILTIN) + timm.list_models())
-            raise UserError(f"unknown model {name!r}{hint}; use cnn-small, preact-resnet18 or a name from "
-                            f"timm.list_models()")
-        net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        _check_timm_name(name)
+        net = _timm_net(name, num_classes, in_chans, pretrained, **kwargs)
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         default_mean = tuple(cfg.get("mean", (0.5,) * 3))[:in_chans] if in_chans == 3 else (0.5,) * in_chans
         default_std = tuple(cfg.get("std", (0.5,) * 3))[:in_chans] if in_chans == 3 else (0.5,) * in_chans
@@ -202,4 +329,4 @@ def create(
     std = tuple(std) if std is not None else default_std
     if len(mean) != in_chans or len(std) != in_chans:
         raise UserError(f"mean/std have {len(mean)}/{len(std)} values but the model has {in_chans} input channels")
-    return Classifier(net, mean, std, bn_eval=bn_eval)
+    return Classifier(net, mean, std, bn_eval=bn_eval, train_mode=train_mode)

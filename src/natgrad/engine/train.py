@@ -18,7 +18,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from natgrad import config as config_mod
-from natgrad import data
+from natgrad import data, models
 from natgrad.build import build_model, build_objective, build_optimizer, build_scheduler, seed_everything
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
@@ -81,6 +81,10 @@ def _check_out_dir(out: Path, resume: bool, cfg: RunConfig) -> None:
 
 def _check_init(cfg: RunConfig) -> None:
     """The weights to fine-tune from exist (checked before any work)."""
+    stage = config_mod.init_stage(cfg)
+    if stage is not None:
+        raise UserError(f"init={cfg.init}: this recipe fine-tunes the model of recipe {stage}; train that first and "
+                        f"give init=ITS_RUN_FOLDER (`natgrad reproduce` chains the stages)")
     if cfg.init is not None and not weights_file(cfg.init).is_file():
         raise UserError(f"init={cfg.init} is neither a .safetensors file nor a run folder holding model.safetensors; "
                         "give the weights to start from")
@@ -224,6 +228,8 @@ def _checked_setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> t
     input on every process before any work, and before rank 0 writes into ``out``."""
     config_mod.validate(cfg)
     _check_init(cfg)
+    if _starts_pretrained(cfg, out, resume):
+        models.check_pretrained(cfg.model.name, cfg.model.pretrained)
     if cfg.data.num_workers > config_mod.usable_cpus() and progress and int(os.environ.get("RANK", "0")) == 0:
         print(f"natgrad: data.num_workers={cfg.data.num_workers} is more than this machine's "
               f"{config_mod.usable_cpus()} CPUs; using {config_mod.usable_cpus()}", flush=True)
@@ -232,15 +238,30 @@ def _checked_setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> t
     if ctx.device.type == "cpu":
         # Well-fitted models have tiny input gradients; their denormal floats slow CPU arithmetic many-fold.
         torch.set_flush_denormal(True)
-    if cfg.batch_size % ctx.world:
-        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {ctx.world} processes; "
-                        f"use a multiple of {ctx.world}")
-    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and (cfg.batch_size // ctx.world) % 2:
-        raise UserError(f"mixup/cutmix need an even batch per process (got {cfg.batch_size // ctx.world}); "
-                        "change batch_size")
+    _check_split(cfg, ctx.world)
     _check_out_dir(out, resume, cfg)  # on every process, so that all stop together on bad input
     barrier(ctx.world)  # before rank 0 starts writing into ``out``
     return cfg, ctx
+
+
+def _starts_pretrained(cfg: RunConfig, out: Path, resume: bool) -> bool:
+    """Whether this run starts from ``model.pretrained``'s weights: set, and neither ``init`` nor a checkpoint
+    to resume replaces them."""
+    return bool(cfg.model.pretrained) and cfg.init is None and not (resume and RunDir(out).checkpoint.is_file())
+
+
+def _check_split(cfg: RunConfig, world: int) -> None:
+    """Every process's every micro-batch gets images (pairs of them where mixup pairs images)."""
+    unit = data.mixup_unit(cfg)
+    shares = world * cfg.accum_steps
+    if cfg.batch_size < unit * shares:
+        what = "image pairs (mixup/cutmix)" if unit == 2 else "images"
+        raise UserError(f"batch_size={cfg.batch_size} gives fewer {what} than the {world} process(es) x "
+                        f"accum_steps={cfg.accum_steps} micro-batches; use batch_size >= {unit * shares} or lower "
+                        "accum_steps")
+    if unit == 2 and cfg.batch_size % 2:
+        raise UserError(f"mixup/cutmix pair the images of a batch; batch_size={cfg.batch_size} is odd: use "
+                        f"{cfg.batch_size - 1} or {cfg.batch_size + 1}")
 
 
 def _build_run(cfg: RunConfig, ctx: Context, out: Path, resume: bool, progress: bool, signals: StopSignals) -> _Run:
@@ -255,7 +276,7 @@ def _build_run(cfg: RunConfig, ctx: Context, out: Path, resume: bool, progress: 
         raise UserError(f"the training set has {n_train} images, fewer than batch_size={cfg.batch_size}; "
                         "lower batch_size")
     seed_everything(cfg.seed)
-    model = build_model(cfg).to(ctx.device)
+    model = build_model(cfg, pretrained=_starts_pretrained(cfg, out, resume)).to(ctx.device)
     if cfg.init and not (resume and RunDir(out).checkpoint.is_file()):  # fine-tuning, unless a checkpoint follows
         ckpt.load_weights(model, weights_file(cfg.init))
     optimizer = build_optimizer(cfg, model)
@@ -318,12 +339,13 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[int, float, int]:
     run.model.train()
     start = run.step - epoch * spe
     loader = data.train_loader(run.train_ds, cfg, epoch, ctx.rank, ctx.world, start=start)
-    bar = Progress(loader, total=spe, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.talks,
+    bar = Progress(_micro_batches(loader, cfg.accum_steps), total=spe, initial=start,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.talks,
                    dynamic_ncols=True)
     t0 = time.perf_counter()
     unreadable_before = data.unreadable_count(run.train_ds)
-    for x, y in bar:
-        _train_step(run, x, y, epoch)
+    for micro in bar:
+        _train_step(run, micro, epoch)
         dt = time.perf_counter() - t0
         if run.sums.get("steps"):  # none yet when the epoch's first steps were skipped as non-finite
             bar.set_postfix(loss=f"{run.sums['loss'] / run.sums['steps']:.4f}",
@@ -348,22 +370,45 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[int, float, int]:
     return start, train_seconds, unreadable_before
 
 
-def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
-    """One optimizer step on the batch (then the EMA and the epoch's sums), or, where the loss or the
-    gradient is not finite on some process, the ``on_nonfinite`` policy."""
+def _micro_batches(loader: Iterable, accum: int) -> Iterator[list]:
+    """The loader's micro-batches, ``accum`` at a time: one optimizer step's worth."""
+    step: list = []
+    for batch in loader:
+        step.append(batch)
+        if len(step) == accum:
+            yield step
+            step = []
+
+
+def _train_step(run: _Run, micro: list[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> None:
+    """One optimizer step on this process's micro-batches (then the EMA and the epoch's sums), or, where the
+    loss or the gradient is not finite on some process, the ``on_nonfinite`` policy.
+
+    Each micro-batch's mean loss is weighted by its share of the global batch (times the processes, whose
+    gradients are averaged), so the step's gradient is the global batch's mean for any split."""
     cfg, ctx = run.cfg, run.ctx
-    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-    if run.mixup is not None:
-        x, y = run.mixup(x, y)
     if run.scheduler is not None:
         run.scheduler.step_update(run.step)
-    with _autocast(ctx, cfg):
-        result = run.objective(x, y, epoch_fraction=run.step / run.steps_per_epoch)
-    loss = result["loss"]
     run.optimizer.zero_grad(set_to_none=True)
-    fault = None if _finite(loss.detach(), ctx) else "loss"
+    n_local = sum(len(y) for _, y in micro)
+    means: dict[str, float] = {}
+    fault = None
+    for x, y in micro:
+        n = len(y)
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        if run.mixup is not None:
+            x, y = run.mixup(x, y)
+        with _autocast(ctx, cfg):
+            result = run.objective(x, y, epoch_fraction=run.step / run.steps_per_epoch)
+        loss = result["loss"]
+        if not _finite(loss.detach(), ctx):
+            fault = "loss"
+            break
+        (loss * (n * ctx.world / cfg.batch_size)).backward()
+        for k, v in [*result.items(), ("loss", loss.item())]:
+            if isinstance(v, float):
+                means[k] = means.get(k, 0.0) + v * n / n_local
     if fault is None:
-        loss.backward()
         all_reduce_gradients(run.model, ctx.world)
         # the gradient norm, clipped where the recipe asks (max_norm inf leaves the gradients as they are)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad or math.inf)
@@ -376,10 +421,8 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None
     if run.ema is not None:
         run.ema.update(run.model, step=run.step)
     sums = run.sums
-    for k, v in result.items():
-        if isinstance(v, float):
-            sums[k] = sums.get(k, 0.0) + v
-    sums["loss"] = sums.get("loss", 0.0) + loss.item()
+    for k, v in means.items():
+        sums[k] = sums.get(k, 0.0) + v
     sums["steps"] = sums.get("steps", 0) + 1
 
 

@@ -3,7 +3,9 @@
 ``loss = ce_weight * CE + gn_weight * w(t) * eps * mean_i ||c * grad_x CE_i||`` with x in pixel
 space, which equals the paper's ``(eps / sigma) ||grad_{x_normalized} CE||_1`` for the L1 norm and
 ``c = 1``. Gradients are taken of the *sum* of per-image losses, so each image's gradient is its
-own (not 1/B of it, as the gradient of a batch-mean loss would be).
+own (not 1/B of it, as the gradient of a batch-mean loss would be), exactly so where no layer mixes the
+images of a batch (``model.train_mode=eval`` freezes BatchNorm). The penalty's eps may differ from the
+inputs' (``gradnorm.eps``: the authors' CIFAR-10 code penalizes at 4/255 while attacking at 8/255).
 
 Options: ``norm`` (l1, l2), per-channel weights ``c`` (Section 5.2), and ``input_noise`` (Table 8):
 the whole loss, CE and penalty, is taken at a gaussian-, uniform- or PGD-perturbed input.
@@ -30,8 +32,11 @@ class GradNorm(Objective):
     def __init__(self, model: nn.Module, eps: float, ce_weight: float = 1.0, gn_weight: float = 1.0,
                  warmup_epochs: float = 0.0, norm: PenaltyNorm = "l1", channel_weights: Sequence[float] | None = None,
                  input_noise: InputNoise = "none", noise_std: float | None = None, attack_steps: int = 3,
-                 attack_step_size: float | None = None, attack_random_start: bool | None = False):
+                 attack_step_size: float | None = None, attack_random_start: bool | None = False,
+                 penalty_eps: float | None = None):
+        """``eps`` is the radius of the noisy and PGD inputs and, unless ``penalty_eps`` is given, the penalty's."""
         super().__init__(model)
+        self.penalty_eps = eps if penalty_eps is None else penalty_eps
         self.eps, self.ce_weight, self.gn_weight, self.warmup_epochs = eps, ce_weight, gn_weight, warmup_epochs
         self.norm, self.input_noise = norm, input_noise
         self.channel_weights = (None if channel_weights is None
@@ -53,14 +58,14 @@ class GradNorm(Objective):
         return (x + noise).clamp_(0.0, 1.0)
 
     def penalty(self, grad: torch.Tensor) -> torch.Tensor:
-        """Per-image ``eps * ||c * grad||``."""
+        """Per-image ``penalty_eps * ||c * grad||``."""
         if self.channel_weights is not None:
             if len(self.channel_weights) != grad.shape[1]:
                 raise UserError(f"channel_weights has {len(self.channel_weights)} entries for {grad.shape[1]}-channel "
                                 "images; give one weight per channel")
             grad = grad * self.channel_weights.to(grad.device, grad.dtype).view(-1, 1, 1)
         flat = grad.flatten(1)
-        return self.eps * (flat.abs().sum(1) if self.norm == "l1" else flat.norm(dim=1))
+        return self.penalty_eps * (flat.abs().sum(1) if self.norm == "l1" else flat.norm(dim=1))
 
     def weight(self, epoch_fraction: float) -> float:
         return self.gn_weight * linear_warmup(epoch_fraction, self.warmup_epochs)
@@ -98,7 +103,7 @@ class GradNormFD(GradNorm):
 
     def __init__(self, model: nn.Module, eps: float, fd_step: float | None = None, **gradnorm_params):
         super().__init__(model, eps, **gradnorm_params)
-        self.fd_step = eps / 32 if fd_step is None else fd_step
+        self.fd_step = self.penalty_eps / 32 if fd_step is None else fd_step
         if self.fd_step <= 0:
             raise UserError(f"fd_step={self.fd_step} must be positive (a finite-difference step in pixel units)")
 
