@@ -28,12 +28,23 @@ def test_paper_recipes_carry_appendix_g_numbers():
     assert swin_pgd.eps == pytest.approx(4 / 255) and swin_pgd.attack.step_size == pytest.approx(8 / 255 / 3)
     assert swin_pgd.ema and swin_pgd.ema_decay == 0.9998 and swin_pgd.aug.mixup == 0.8 and swin_pgd.aug.smoothing == 0.1
     r50 = config.load("imagenet-resnet50-relu-gradnorm")
-    assert (r50.epochs, r50.batch_size, r50.model.act, r50.model.bn_eval) == (50, 256, "relu", True)
+    assert (r50.epochs, r50.batch_size, r50.model.act, r50.model.train_mode) == (50, 256, "relu", "eval")
+    assert r50.init == "stage:imagenet-resnet50-relu-natural" and r50.model.name == "resnet50.a1_in1k"
+    swap = config.load("imagenet-resnet50-silu-natural")  # Section 4.2: pretrained, activations swapped, 3 epochs
+    assert (swap.method, swap.epochs, swap.model.act, swap.model.pretrained, swap.init) == ("natural", 3, "silu",
+                                                                                           True, None)
     assert (r50.gradnorm.ce_weight, r50.gradnorm.gn_weight) == (0.5, 0.5)
     assert r50.lr == pytest.approx(1.25e-3 * 256 / 512)
     cifar = config.load("cifar10-prn18-gradnorm")
     assert cifar.eps == pytest.approx(8 / 255) and cifar.epochs == 300
-    assert config.load("cifar10-prn18-natural").epochs == 50
+    # the released code's settings (configs_cifar/*.yaml): fine-tuned from the natural model in eval mode, the
+    # penalty at 4/255, GradNorm clipped at 1.0, global batch 256 at lrb 1.25e-3
+    assert cifar.init == "stage:cifar10-prn18-natural" and cifar.model.train_mode == "eval"
+    assert cifar.gradnorm.eps == pytest.approx(4 / 255) and cifar.optim.clip_grad == 1.0
+    assert (cifar.batch_size, cifar.lr) == (256, pytest.approx(1.25e-3 * 256 / 512))
+    assert config.load("cifar10-prn18-pgd").optim.clip_grad is None
+    natural = config.load("cifar10-prn18-natural")
+    assert (natural.epochs, natural.ema, natural.init, natural.model.train_mode) == (50, False, None, "eval")
 
 
 def test_overrides_and_fractions():

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY, assert_same_weights, run_cli, weights
 from safetensors.torch import save_file
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from natgrad import config
+from conftest import TINY, assert_same_weights, run_cli, weights
+from natgrad import config, models
 from natgrad.build import build_model, build_objective
 from natgrad.engine.train import train
 from natgrad.errors import UserError
@@ -146,14 +146,37 @@ def test_a_staged_recipe_asks_for_the_stage_it_fine_tunes(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("recipe", [r for r in config.list_recipes() if r.startswith(("imagenet-", "cifar10-"))])
-def test_every_imagenet_and_cifar10_recipe_resolves_and_builds_its_model(recipe):
-    cfg = config.load(recipe, ["data.name=synthetic", "data.channels=3", "data.num_classes=10", "device=cpu"]
-                      if recipe.startswith("cifar10-") else [])
-    if cfg.model.pretrained is True:  # each ImageNet recipe names the exact timm weights it starts from
-        assert "." in cfg.model.name and cfg.model.name in timm.list_pretrained(cfg.model.name)
+PAPER_RECIPES = [r for r in config.list_recipes() if r.startswith(("imagenet-", "cifar10-"))]
+CIFAR = ["data.name=synthetic", "data.channels=3", "data.num_classes=10", "device=cpu"]
+
+
+def _paper_config(recipe: str) -> config.RunConfig:
+    return config.load(recipe, CIFAR if recipe.startswith("cifar10-") else [])
+
+
+def test_every_imagenet_and_cifar10_recipe_resolves_and_names_its_start():
+    for recipe in PAPER_RECIPES:
+        cfg = _paper_config(recipe)
+        stage = config.init_stage(cfg)
+        assert stage is None or stage in PAPER_RECIPES, recipe  # a stage that exists
+        if recipe.startswith("imagenet-"):  # each names the exact timm weights it starts from
+            assert cfg.model.pretrained is True and cfg.model.train_mode == "eval", recipe
+            assert cfg.model.name in timm.list_pretrained(cfg.model.name), recipe
+        if stage is not None:
+            assert _paper_config(stage).model.name == cfg.model.name, recipe
+
+
+_MODELS = {(c.model.name, c.model.act): r for r in PAPER_RECIPES for c in [_paper_config(r)]}
+
+
+@pytest.mark.parametrize("recipe", sorted(_MODELS.values()))
+def test_every_imagenet_and_cifar10_model_builds(recipe):
+    """One recipe per distinct model of those recipes (Swin-B takes seconds to build on a CPU)."""
+    cfg = _paper_config(recipe)
     model = build_model(cfg, input_size=cfg.data.image_size)
-    expected = 1000 if recipe.startswith("imagenet-") else 10
+    size = cfg.data.image_size or 32
     with torch.no_grad():
-        out = model.eval()(torch.rand(1, 3, cfg.data.image_size or 32, cfg.data.image_size or 32))
-    assert out.shape == (1, expected)
+        out = model.eval()(torch.rand(1, 3, size, size))
+    assert out.shape == (1, 1000 if recipe.startswith("imagenet-") else 10)
+    if cfg.model.act:
+        assert any(isinstance(m, models.act_layer(cfg.model.act)) for m in model.modules())

@@ -26,6 +26,7 @@ from natgrad.choices import (
     DATASETS,
     DEVICES,
     EDGE_COSINES,
+    EDGE_FORMS,
     EDGE_STUDENTS,
     EDGE_TEACHERS,
     ERASE_MODES,
@@ -135,16 +136,26 @@ class AttackConfig:
 
 @dataclass
 class EdgeConfig:
-    """Edge regularization (Section 5.3, Eq. 3-4): CE + w(epoch) * (1 - cos(student, teacher))."""
+    """Edge regularization (Section 5.3, Eq. 3-4): CE + w(epoch) * (1 - cos(student, teacher)).
 
+    ``form=code`` is instead the loss of the authors' released code (adversarial_training_logit.py with
+    gradient_teachers.ContourEnergy): CE + w * MSE of the batch-RMS-normalized student and teacher, i.e.
+    w * 2 (1 - one cosine over the batch); the teacher is the code's contour energy; student and teacher
+    are taken w.r.t. the model's normalized input; w grows per iteration. The code form fixes the teacher
+    and the cosine: config.validate refuses teacher or cosine set to anything but their defaults (which it
+    then does not use). weight, weight_per_epoch, weight_max, tau, sigma and student keep their meaning
+    (the code's --alpha start, step, max, --temp, --sigma, and its class / --saliency / _loss scripts).
+    """
+
+    form: str = "paper"  # paper: the text's Eq. 3-4; code: the authors' released code's loss, exactly
     weight: float = 1.0  # w at epoch 0
-    weight_per_epoch: float = 0.0  # w grows by this much each finished epoch (the authors' code: 0.09)
-    weight_max: float | None = None  # and stops here (the authors' code: 19)
+    weight_per_epoch: float = 0.0  # paper: w grows by this much each finished epoch; code: continuously, per step
+    weight_max: float | None = None  # and stops here (the authors' configs: weight 1, per epoch 0.09, max 19)
     tau: float = 0.5  # the class t is drawn from softmax(logits / tau)
-    sigma: float = 1.0  # scale of the Gaussian-derivative filters, in pixels
+    sigma: float = 1.0  # paper: Gaussian-derivative scale in pixels; code: its discrete Gaussian's t (variance)
     student: str = "class"  # class: grad_x logit_t (the paper); loss: grad_x CE; saliency: max_c |grad_x logit_t|
-    teacher: str = "energy"  # energy: |g_u*x|^2 + |g_v*x|^2 (the paper); magnitude: its square root (the authors' code)
-    cosine: str = "per_image"  # per_image (the paper) or batch: one cosine over the whole batch (the authors' code)
+    teacher: str = "energy"  # paper form: energy |g_u*x|^2 + |g_v*x|^2 (the paper) or magnitude: its square root
+    cosine: str = "per_image"  # paper form: per_image (the paper) or batch: one cosine over the whole batch
 
 
 @dataclass
@@ -556,7 +567,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "data.name": DATASETS, "device": DEVICES, "optim.sched": SCHEDULES,
     "on_nonfinite": ON_NONFINITE, "aug.mixup_mode": MIXUP_MODES, "aug.remode": ERASE_MODES,
     "aug.interpolation": INTERPOLATIONS, "gradnorm.norm": GRADNORM_NORMS, "gradnorm.input_noise": INPUT_NOISES,
-    "model.train_mode": TRAIN_MODES, "edge.student": EDGE_STUDENTS,
+    "model.train_mode": TRAIN_MODES, "edge.form": EDGE_FORMS, "edge.student": EDGE_STUDENTS,
     "edge.teacher": EDGE_TEACHERS, "edge.cosine": EDGE_COSINES,
 }
 
@@ -601,10 +612,25 @@ def validate(cfg: RunConfig) -> None:
     e = cfg.edge
     _require(e.weight_max is None or e.weight_max >= e.weight,
              f"edge.weight_max={e.weight_max} must be at least edge.weight={e.weight}")
+    if e.form == "code":
+        _check_edge_code_form(e, info(cfg.data).image_size)
     _require(cfg.data.root is None or Path(cfg.data.root).is_dir(),
              f"data.root={cfg.data.root} is not a folder; point it at the dataset's folder")
     _require(cfg.data.val_subset is None or Path(cfg.data.val_subset).is_file(),
              f"data.val_subset={cfg.data.val_subset} does not exist; give a file listing validation images")
+
+
+def _check_edge_code_form(e: EdgeConfig, image_size: int) -> None:
+    """``edge.form=code`` fixes the teacher and the cosine: both must keep their defaults."""
+    default = EdgeConfig()
+    for key in ("teacher", "cosine"):
+        value, fixed = getattr(e, key), getattr(default, key)
+        _require(value == fixed,
+                 f"edge.{key}={value} does not apply with edge.form=code (the code's teacher is its contour energy, "
+                 f"its loss one batch-wide MSE): set edge.{key}={fixed} (the default) or edge.form=paper")
+    radius = math.ceil(3 * e.sigma)
+    _require(radius < image_size, f"edge.sigma={e.sigma:g} blurs {radius} pixels, too wide for {image_size}-pixel "
+             f"images with the code's reflect padding; use edge.sigma at most {(image_size - 1) / 3:g}")
 
 
 def _check_rand_augment(spec: str) -> None:

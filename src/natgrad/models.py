@@ -12,7 +12,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -206,7 +206,7 @@ def _load_pretrained(net: nn.Module, pretrained: bool | str, num_classes: int, i
     """timm's ``load_pretrained`` with the model's own pretrained config (a file in place of the hub's
     weights) and its family's checkpoint filter; refuses a checkpoint that leaves any weight but the reset
     classifier unloaded, or holds weights the model lacks (timm only logs those)."""
-    cfg = dict(net.pretrained_cfg)
+    cfg: dict[str, Any] = dict(cast(dict, net.pretrained_cfg))
     if isinstance(pretrained, str):
         cfg.update(file=pretrained, source="", state_dict=None)
     arch = cfg["architecture"]
@@ -219,7 +219,7 @@ def _load_pretrained(net: nn.Module, pretrained: bool | str, num_classes: int, i
         results.append(load(state_dict, strict=strict, **kw))
         return results[-1]
 
-    net.load_state_dict = recording  # type: ignore[method-assign]
+    net.load_state_dict = recording  # type: ignore[method-assign,assignment]
     try:
         timm.models.load_pretrained(net, pretrained_cfg=cfg, num_classes=num_classes, in_chans=in_chans,
                                     filter_fn=filter_fn, strict=True)
