@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from conftest import TINY, assert_same_weights, run_cli, weights
-from natgrad import config, models
+from natgrad import config, evaluation, models
 from natgrad.build import build_model, build_objective
 from natgrad.engine.train import train
 from natgrad.errors import UserError
@@ -180,3 +181,54 @@ def test_every_imagenet_and_cifar10_model_builds(recipe):
     assert out.shape == (1, 1000 if recipe.startswith("imagenet-") else 10)
     if cfg.model.act:
         assert any(isinstance(m, models.act_layer(cfg.model.act)) for m in model.modules())
+
+
+SYNTH_RGB = ["data.name=synthetic", "data.channels=3", "data.image_size=32", "data.num_classes=10",
+             "data.synthetic_size=160"]
+
+
+def test_eval_and_analyze_take_a_timm_name_with_a_local_checkpoint(tmp_path, capsys):
+    torch.manual_seed(3)
+    net = timm.create_model("test_resnet", num_classes=10)
+    path = tmp_path / "ckpt.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    out = tmp_path / "eval.json"
+    code, err = run_cli(["eval", "test_resnet", f"model.pretrained={path}", *SYNTH_RGB, "--recipe", "fmnist-natural",
+                         "--attacks", "clean", "--n", "32", "--device", "cpu", "--quiet", "--json", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["model"] == "test_resnet" and report["weights"] == str(path)
+    # the accuracy of the checkpoint itself, computed here without natgrad's loading
+    cfg = config.load("fmnist-natural", SYNTH_RGB)
+    ds = evaluation.eval_dataset(cfg, 32)
+    x = torch.stack([ds[i][0] for i in range(32)])
+    y = torch.tensor([int(ds[i][1]) for i in range(32)])
+    pcfg = timm.models.get_pretrained_cfg("test_resnet")
+    mean, std = torch.tensor(pcfg.mean).view(1, 3, 1, 1), torch.tensor(pcfg.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = (net.eval()((x - mean) / std).argmax(1) == y).float().mean().item()
+    clean = next(r for r in report["results"] if r["attack"] == "clean")
+    assert clean["robust_acc"] == pytest.approx(expected) and clean["n"] == 32
+    analysis = tmp_path / "analysis"
+    code, err = run_cli(["analyze", "test_resnet", f"model.pretrained={path}", *SYNTH_RGB, "--recipe",
+                         "fmnist-natural", "--analyses", "gradients", "--n", "16", "--device", "cpu", "--quiet",
+                         "--out", str(analysis)], capsys)
+    assert code == 0, err
+    summary = json.loads((analysis / "analysis.json").read_text())
+    assert summary["weights"] == str(path) and summary["weights_sha256"] == report["weights_sha256"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["test_resnet", *SYNTH_RGB, "--recipe", "fmnist-natural"], "give model.pretrained=true"),
+    (["test_resnet", "model.pretrained=CKPT", *SYNTH_RGB, "data.num_classes=7", "--recipe", "fmnist-natural"],
+     "classifies 10 classes, the data 7"),
+    (["no_such_model_xyz"], "does not exist; give a run folder"),
+])
+def test_eval_of_a_timm_name_refuses_what_it_cannot_evaluate(tmp_path, capsys, args, message):
+    torch.manual_seed(3)
+    path = tmp_path / "ckpt.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=10).state_dict().items()},
+              str(path))
+    args = [a.replace("CKPT", str(path)) for a in args]
+    code, err = run_cli(["eval", *args, "--attacks", "clean", "--n", "8", "--device", "cpu", "--quiet"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -45,7 +45,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: RunConfig, channels: int | None = None, input_size: int | None = None,
-                pretrained: bool = False) -> nn.Module:
+                pretrained: bool = False, keep_head: bool = False) -> nn.Module:
     """The configured model with the dataset's classes and normalization inside.
 
     Args:
@@ -55,6 +55,7 @@ def build_model(cfg: RunConfig, channels: int | None = None, input_size: int | N
         pretrained: load ``model.pretrained``'s weights (a fresh run without ``init``); otherwise the weights are
             random (to be overwritten by a checkpoint). With ``model.pretrained`` set, the normalization is
             always the pretrained config's, so both builds are the same model.
+        keep_head: refuse pretrained weights whose classifier the data's classes would reset (evaluation).
     """
     m = cfg.model
     di = info(cfg.data)
@@ -68,7 +69,7 @@ def build_model(cfg: RunConfig, channels: int | None = None, input_size: int | N
     return models.create(m.name, di.num_classes, channels, act=m.act, bn_eval=m.bn_eval,
                          train_mode=cast(TrainMode, m.train_mode),
                          mean=di.mean if own_stats else None, std=di.std if own_stats else None,
-                         pretrained=m.pretrained if pretrained else False, **kwargs)
+                         pretrained=m.pretrained if pretrained else False, keep_head=keep_head, **kwargs)
 
 
 def _gradnorm_params(cfg: RunConfig) -> dict[str, Any]:

@@ -45,6 +45,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+SOURCE_HELP = ("a run folder; a .safetensors file with --recipe; or a timm model name (resnet50.a1_in1k) with "
+               "model.pretrained=true (timm's weights, the default recipe's) or model.pretrained=PATH. The last two "
+               "take key=value config overrides after it")
+RECIPE_HELP = (f"the recipe a .safetensors file was trained with; for a timm name the data and eps (default "
+               f"{evaluation.TIMM_RECIPE}: ImageNet at 4/255)")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     attacks = evaluation.parse_attacks(args.attacks)
     eps = evaluation.parse_eps(args.eps) if args.eps else None
@@ -60,6 +67,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed,
         aa_attacks=[a.strip() for a in args.aa_attacks.split(",")] if args.aa_attacks else None,
         square_queries=args.square_queries, progress=not args.quiet, recipe=args.recipe, model_name=args.model,
+        overrides=tuple(args.overrides),
         ema=not args.no_ema, device=args.device, transfer_source=_path(args.transfer_source),
         aa_state=_path(args.aa_state), sanity=args.sanity, json_path=_path(args.json),
         robustbench_json=_path(args.robustbench_json), plots=_path(args.plots))
@@ -96,13 +104,15 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed {args.seed} must be in [0, 2^32)")
     source = Path(args.source)
-    out = Path(args.out) if args.out else (source / ANALYSIS if source.is_dir() else Path(f"analysis-{source.stem}"))
+    default = source / ANALYSIS if source.is_dir() else Path(f"analysis-{source.stem if source.is_file() else source}")
+    out = Path(args.out) if args.out else default
     ckpt.check_destination(out, "folder", "--out")
     check_out(out)
     if source.is_dir():
         refuse_symlinks(source)
     ctx = setup(args.device)
-    loaded = evaluation.load_model(source, args.recipe, args.model, ctx.device, ema=not args.no_ema)
+    loaded = evaluation.load_model(source, args.recipe, args.model, ctx.device, ema=not args.no_ema,
+                                   overrides=args.overrides)
     ds = evaluation.eval_dataset(loaded.cfg, args.n if args.n is not None
                                  else min(1000, num_images(evaluation.eval_dataset(loaded.cfg, None))))
     settings = AnalysisSettings(eps=eps[0] if eps else loaded.cfg.eps, analyses=analyses, batch_size=args.batch_size,
@@ -216,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     t.set_defaults(func=_cmd_train)
     e = sub.add_parser("eval", help="robust accuracy of a trained model", description=(
-        "Evaluate RUN_DIR (or a .safetensors file with --recipe) with the attacks in --attacks at every eps in --eps."))
-    e.add_argument("source", metavar="RUN_DIR")
-    e.add_argument("--recipe", help="the recipe a .safetensors file was trained with")
+        "Evaluate RUN_DIR (or a .safetensors file with --recipe, or a timm model name with model.pretrained=true|PATH) "
+        "with the attacks in --attacks at every eps in --eps."))
+    e.add_argument("source", metavar="RUN_DIR", help=SOURCE_HELP)
+    e.add_argument("--recipe", help=RECIPE_HELP)
     e.add_argument("--model", help="override the model name of the recipe")
     e.add_argument("--attacks", default="clean,pgd,autoattack",
                    help="comma-separated: clean, pgd, pgd-l2dir, autoattack, autoattack-plus, autoattack-custom, "
@@ -251,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Gradient norms conditioned on PGD-10 (Table 1), channels, edge correlation (Table 5), curvature (Table 6), "
         "local linearity (Table 7), statistics along the attack (Figure 11) and pictures; writes analysis.json "
         "and one PNG per figure."))
-    a.add_argument("source", metavar="RUN_DIR", help="a run folder, or a .safetensors file with --recipe")
-    a.add_argument("--recipe", help="the recipe a .safetensors file was trained with")
+    a.add_argument("source", metavar="RUN_DIR", help=SOURCE_HELP)
+    a.add_argument("--recipe", help=RECIPE_HELP)
     a.add_argument("--model", help="override the recipe's model name")
     a.add_argument("--n", "--num-images", dest="n", type=int,
                    help="test images (a fixed seeded subset; default 1000 or the whole test set if smaller)")
@@ -325,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [a for a in extra if a.startswith("-") or "=" not in a]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like key=value)")
-        if extra and args.command not in ("train", "bench", "reproduce"):
+        if extra and args.command not in ("train", "bench", "reproduce", "eval", "analyze"):
             parser.error(f"{args.command} takes no key=value overrides")
         args.overrides = extra
         with StopSignals(raising=True):  # SIGTERM stops every command; training checkpoints first

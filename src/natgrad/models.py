@@ -193,24 +193,49 @@ def _check_timm_name(name: str) -> None:
                         f"timm.list_pretrained({name.split('.')[0]!r}+'.*') lists them")
 
 
-def _timm_net(name: str, num_classes: int, in_chans: int, pretrained: bool | str, **kwargs: Any) -> nn.Module:
+def _timm_net(name: str, num_classes: int, in_chans: int, pretrained: bool | str, keep_head: bool = False,
+              **kwargs: Any) -> nn.Module:
     """timm's model; ``pretrained`` True loads timm's own weights (its hub), a path loads that checkpoint through
     timm's pretrained-config mechanism (classifier reset for another ``num_classes``, ``in_chans`` adapted)."""
     net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if pretrained:
-        _load_pretrained(net, pretrained, num_classes, in_chans)
+        _load_pretrained(net, pretrained, num_classes, in_chans, keep_head)
     return net
 
 
-def _load_pretrained(net: nn.Module, pretrained: bool | str, num_classes: int, in_chans: int) -> None:
-    """timm's ``load_pretrained`` with the model's own pretrained config (a file in place of the hub's
-    weights) and its family's checkpoint filter; refuses a checkpoint that leaves any weight but the reset
-    classifier unloaded, or holds weights the model lacks (timm only logs those)."""
+def _classifier_keys(cfg: dict[str, Any]) -> list[str]:
+    heads = cfg.get("classifier") or ()
+    return [f"{h}.{p}" for h in ((heads,) if isinstance(heads, str) else heads) for p in ("weight", "bias")]
+
+
+def _load_pretrained(net: nn.Module, pretrained: bool | str, num_classes: int, in_chans: int,
+                     keep_head: bool = False) -> None:
+    """timm's ``load_pretrained`` with the model's own pretrained config (a file's state dict in place of the
+    hub's weights, with the classes of the file's classifier) and its family's checkpoint filter.
+
+    Refuses a checkpoint that leaves any weight unloaded but a classifier reset for other classes (and that
+    too with ``keep_head``, for evaluation), or holds weights the model lacks (timm only logs those)."""
     cfg: dict[str, Any] = dict(cast(dict, net.pretrained_cfg))
-    if isinstance(pretrained, str):
-        cfg.update(file=pretrained, source="", state_dict=None)
     arch = cfg["architecture"]
     where = f"model.pretrained={pretrained}" if isinstance(pretrained, str) else f"timm's weights of {arch}"
+
+    def refuse(problem: str) -> UserError:
+        return UserError(f"{where} does not fit {arch}: {problem}; give a checkpoint of this architecture "
+                         "(safetensors or a state dict)")
+
+    if isinstance(pretrained, str):
+        try:
+            state = timm.models.load_state_dict(pretrained, weights_only=True)
+        except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+            raise refuse(f"it does not read as weights ({type(e).__name__}: {short(str(e), 120)})") from None
+        weight = next((state[k] for k in _classifier_keys(cfg) if k.endswith(".weight") and k in state), None)
+        cfg.update(state_dict=state, file=None, source="")
+        if weight is not None and weight.ndim >= 1:
+            cfg["num_classes"] = int(weight.shape[0])
+    reset = set(_classifier_keys(cfg)) if num_classes != cfg.get("num_classes") else set()
+    if reset and keep_head:
+        raise UserError(f"{where} classifies {cfg.get('num_classes')} classes, the data {num_classes}: its "
+                        "classifier would be new and untrained; evaluate it on data with its own classes")
     filter_fn = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
     results: list[Any] = []
     load = net.load_state_dict
@@ -224,20 +249,15 @@ def _load_pretrained(net: nn.Module, pretrained: bool | str, num_classes: int, i
         timm.models.load_pretrained(net, pretrained_cfg=cfg, num_classes=num_classes, in_chans=in_chans,
                                     filter_fn=filter_fn, strict=True)
     except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError, AssertionError) as e:
-        raise UserError(f"{where} does not fit {arch} ({type(e).__name__}: "
-                        f"{short(str(e), 160)}); give a checkpoint of this architecture (safetensors or a state "
-                        "dict)") from None
+        raise refuse(f"{type(e).__name__}: {short(str(e), 160)}") from None
     finally:
         del net.load_state_dict
-    heads = cfg.get("classifier") or ()
-    heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    reset = {f"{h}.{p}" for h in heads for p in ("weight", "bias")} if num_classes != cfg.get("num_classes") else set()
     missing = [k for k in (results[-1].missing_keys if results else ["everything"]) if k not in reset]
     unexpected = list(results[-1].unexpected_keys) if results else []
     if missing or unexpected:
-        problem = f"lacks {', '.join(missing[:3])}" if missing else f"has weights it lacks: {', '.join(unexpected[:3])}"
-        raise UserError(f"{where} does not fit {arch}: the checkpoint {problem}"
-                        f"{' ...' if len(missing or unexpected) > 3 else ''}; give a checkpoint of this architecture")
+        keys = missing or unexpected
+        listed = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+        raise refuse(f"the checkpoint lacks {listed}" if missing else f"the checkpoint has weights it lacks: {listed}")
 
 
 HUB_HOST = "huggingface.co"
@@ -293,6 +313,7 @@ def create(
     std: Sequence[float] | None = None,
     train_mode: TrainMode = "train",
     pretrained: bool | str = False,
+    keep_head: bool = False,
     **kwargs: Any,
 ) -> Classifier:
     """Create a model that takes [0, 1] images.
@@ -309,6 +330,7 @@ def create(
         std: per-channel normalization std (default: timm's pretrained config, or 0.5).
         train_mode: ``eval`` keeps the whole net in eval mode while training.
         pretrained: timm models only: True for timm's published weights, or a checkpoint file's path.
+        keep_head: refuse pretrained weights whose classifier would be reset for ``num_classes`` (evaluation).
         **kwargs: passed to timm.create_model (e.g. ``img_size``, ``drop_path_rate``).
     """
     if name in BUILTIN:
@@ -319,7 +341,7 @@ def create(
         default_mean, default_std = (0.5,) * in_chans, (0.5,) * in_chans
     else:
         _check_timm_name(name)
-        net = _timm_net(name, num_classes, in_chans, pretrained, **kwargs)
+        net = _timm_net(name, num_classes, in_chans, pretrained, keep_head, **kwargs)
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         default_mean = tuple(cfg.get("mean", (0.5,) * 3))[:in_chans] if in_chans == 3 else (0.5,) * in_chans
         default_std = tuple(cfg.get("std", (0.5,) * 3))[:in_chans] if in_chans == 3 else (0.5,) * in_chans

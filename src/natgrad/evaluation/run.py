@@ -57,7 +57,8 @@ class RunSettings:
     aa_attacks: list[str] | None = None
     square_queries: int | None = None
     progress: bool = True
-    recipe: str | None = None  # the recipe of a .safetensors source
+    recipe: str | None = None  # the recipe of a .safetensors source, or the data and eps of a timm name
+    overrides: tuple[str, ...] = ()  # key=value for a .safetensors source or a timm name (model.pretrained=...)
     model_name: str | None = None
     ema: bool = True
     device: str = "auto"
@@ -176,7 +177,8 @@ def _measure(settings: RunSettings, loaded: LoadedModel, plan: list[_Planned], c
 
 
 def evaluate_run(source: str | Path, settings: RunSettings) -> EvalReport:
-    """Evaluate a run folder (or a .safetensors file with ``settings.recipe``) and write what it measured."""
+    """Evaluate a run folder (or a .safetensors file with ``settings.recipe``, or a timm model name with
+    ``model.pretrained`` in ``settings.overrides``) and write what it measured."""
     if not settings.parts:
         raise ValueError("evaluate_run needs at least one part")
     run = RunDir(source) if Path(source).is_dir() else None
@@ -186,7 +188,8 @@ def evaluate_run(source: str | Path, settings: RunSettings) -> EvalReport:
     if run is not None:
         refuse_symlinks(run.path)
     ctx = setup(settings.device)
-    loaded = load_model(source, settings.recipe, settings.model_name, ctx.device, ema=settings.ema)
+    loaded = load_model(source, settings.recipe, settings.model_name, ctx.device, ema=settings.ema,
+                        overrides=settings.overrides)
     plan = _plan(settings, loaded, run, ctx)
     if settings.robustbench_json is not None:
         check_robustbench(loaded.cfg, plan[0].settings)
