@@ -191,7 +191,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
 
-    run_reproduce(args.dataset, args.out, budget=args.budget, overrides=tuple(args.overrides), progress=not args.quiet)
+    run_reproduce(args.dataset, args.out, budget=args.budget, overrides=tuple(args.overrides), progress=not args.quiet,
+                  reuse_from=args.reuse)
     return 0
 
 
@@ -323,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dataset", help="fmnist, cifar10 or imagenet")
     r.add_argument("--out", metavar="DIR", help="the folder (default runs/reproduce-DATASET-BUDGET)")
     r.add_argument("--budget", default="full", help="short or full (default full)")
+    r.add_argument("--reuse", metavar="RESULTS_JSON",
+                   help="an earlier run's results.json: take over the rows of experiments whose resolved config and "
+                        "evaluation settings are identical (models this run needs are retrained and checked)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_cmd_reproduce)
     return parser

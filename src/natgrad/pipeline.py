@@ -87,22 +87,43 @@ class PipelineSettings:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+def fraction_of_epochs(fraction: float, epochs: int) -> int:
+    """``fraction`` of ``epochs``, rounded half up, at least 1 (0.3 of 100 is 30, of 4 is 1)."""
+    return max(1, math.floor(fraction * epochs + 0.5))
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """One model of a grid: trained from ``recipe`` with ``overrides`` (after the sizes' schedule),
-    from scratch or fine-tuned from the weights of the experiment named ``init``."""
+    from scratch or fine-tuned from the weights of the experiment named ``init``.
+
+    ``epochs_fraction`` trains for that fraction of the epochs the schedule gives the recipe (at least 1), as
+    the paper's fine-tunes do; ``autoattack_eps`` adds standard AutoAttack at those multiples of the recipe's
+    eps to the one at the eps itself.
+    """
 
     name: str  # its run folder, unique in the grid
     recipe: str
     overrides: tuple[str, ...] = ()
     init: str | None = None
     label: str = ""  # a few words for tables; default the name
+    epochs_fraction: float | None = None
+    autoattack_eps: tuple[float, ...] = ()
 
     def config(self, sizes: PipelineSettings, out: Path, with_init: bool = True):
         """The run configuration; ``with_init=False`` checks it before the weights to fine-tune exist."""
 
         init = [f"init={out / self.init}"] if self.init and with_init else []
-        return config.load(self.recipe, [*sizes.train_overrides(), *self.overrides, *init, *sizes.overrides])
+        overrides = [*sizes.train_overrides(), *self.overrides, *init, *sizes.overrides]
+        cfg = config.load(self.recipe, overrides)
+        if self.epochs_fraction is None:
+            return cfg
+        return config.load(self.recipe, [*overrides, f"epochs={fraction_of_epochs(self.epochs_fraction, cfg.epochs)}"])
+
+    @property
+    def autoattack_at(self) -> tuple[float, ...]:
+        """The multiples of the recipe's eps AutoAttack runs at, ascending (1 always among them)."""
+        return tuple(sorted({1.0, *self.autoattack_eps}))
 
     def as_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -212,22 +233,27 @@ def run_config(run: Path):
     return RunDir(run).read_config()
 
 
-def eval_stage(run: Path, s: PipelineSettings, progress: bool) -> str | None:
-    """Clean and PGD-k on ``n_eval`` images, standard AutoAttack on ``n_autoattack``, the eps sweep on ``n_sweep``;
-    writes the sweep figure and ``eval.json`` into the run folder. Returns the timing detail on rank 0."""
+def eval_stage(run: Path, s: PipelineSettings, progress: bool, autoattack_at: Sequence[float] = (1.0,)) -> str | None:
+    """Clean and PGD-k on ``n_eval`` images, standard AutoAttack on ``n_autoattack`` at each multiple
+    ``autoattack_at`` of the recipe's eps (none: no AutoAttack), the eps sweep on ``n_sweep``; writes the sweep
+    figure and ``eval.json`` into the run folder. Returns the timing detail on rank 0."""
+    cfg = run_config(run)
+    aa_eps = tuple(m * cfg.eps for m in autoattack_at)
     parts = (evaluation.Part(("clean", "pgd"), s.n_eval),
-             evaluation.Part(("autoattack",), s.n_autoattack, "autoattack_n", batch_size=s.autoattack_batch),
+             *([evaluation.Part(("autoattack",), s.n_autoattack, "autoattack_n", batch_size=s.autoattack_batch,
+                                eps=aa_eps)] if aa_eps else []),
              evaluation.Part(("eps-sweep",), s.n_sweep, "sweep_n", sweep_to=s.sweep_to))
     settings = evaluation.RunSettings(parts=parts, pgd_steps=(s.pgd_steps,), square_queries=s.square_queries,
-                                      progress=progress, device=run_config(run).device, json_flag="eval.json")
+                                      progress=progress, device=cfg.device, json_flag="eval.json")
     result = evaluation.evaluate_run(run, settings)
     if not result.is_main:
         return None
     if progress:
         print(evaluation.format_results(result.rows), flush=True)
     seconds = result.seconds
-    return (f"clean, PGD-{s.pgd_steps} and eps sweep {seconds['n'] + seconds['sweep_n']:.1f} s, "
-            f"AutoAttack {seconds['autoattack_n']:.1f} s")
+    at = ", ".join(f"{e:.4g}" for e in aa_eps)
+    return (f"clean, PGD-{s.pgd_steps} and eps sweep {seconds['n'] + seconds['sweep_n']:.1f} s"
+            + (f", AutoAttack at eps {at} {seconds['autoattack_n']:.1f} s" if aa_eps else ", no AutoAttack"))
 
 
 def bench_stage(out: Path, grid: Grid, s: PipelineSettings, progress: bool) -> None:
@@ -268,20 +294,27 @@ class Stage:
     run: Callable[[], str | None]  # returns a detail for the timing line, if any
 
 
+def _at_eps(multiples: Sequence[float]) -> str:
+    """`` at eps x 0.25, 0.5, 1`` (nothing for the eps alone)."""
+    return "" if tuple(multiples) == (1.0,) else f" at eps x {', '.join(f'{m:g}' for m in multiples)}"
+
+
 def stages(out: Path, grid: Grid, s: PipelineSettings, progress: bool) -> list[Stage]:
     """Train every experiment, evaluate every one, bench, analyze every one."""
     result = []
     for e in grid.experiments:
         run = out / e.name
-        how = ", ".join([s.schedule(), *([f"fine-tuning {e.init}"] if e.init else []), *e.overrides])
+        schedule = (f"{e.epochs_fraction:g} of {s.schedule()}, at least 1 epoch" if e.epochs_fraction is not None
+                    else s.schedule())
+        how = ", ".join([schedule, *([f"fine-tuning {e.init}"] if e.init else []), *e.overrides])
         result.append(Stage(f"train {e.name}", f"training {e.name} ({how})",
                             RunDir(run).summary.is_file, functools.partial(train_stage, out, e, s, progress)))
     for e in grid.experiments:
         run = out / e.name
         result.append(Stage(
             f"eval {e.name}", f"evaluating {e.name}: clean and PGD-{s.pgd_steps} on {s.n_eval} images, eps sweep on "
-            f"{s.n_sweep}, AutoAttack standard on {s.n_autoattack}", RunDir(run).eval_json.is_file,
-            functools.partial(eval_stage, run, s, progress)))
+            f"{s.n_sweep}, AutoAttack standard on {s.n_autoattack}{_at_eps(e.autoattack_at)}",
+            RunDir(run).eval_json.is_file, functools.partial(eval_stage, run, s, progress, e.autoattack_at)))
     result.append(Stage("bench", f"cost of one training step: {', '.join(grid.bench_methods)} "
                         f"(median of {s.bench_steps} steps)",
                         lambda: (out / BENCH_FILE).is_file(), lambda: bench_stage(out, grid, s, progress)))
@@ -342,10 +375,18 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def result_rows(out: Path, grid: Grid) -> list[dict]:
+def autoattack_key(multiple: float) -> str:
+    """The key of ``autoattack_at`` for a multiple of the recipe's eps: ``"0.25"``, ``"1"``."""
+    return f"{round(multiple, 6):g}"
+
+
+def result_rows(out: Path, grid: Grid, bench: dict | None = None) -> list[dict]:
     """One row per experiment from its eval.json, analysis.json and summary.json, with the bench's cost of its
-    method where the bench measured that method on the same model (same architecture and activation)."""
-    bench = read_json(out / BENCH_FILE)
+    method where the bench measured that method on the same model (same architecture and activation).
+
+    ``bench`` replaces ``out/bench.json``. A row also holds the weights' digest, the resolved config (``init``
+    as the name of the experiment it fine-tunes) and ``autoattack_at``: AutoAttack by multiple of the eps."""
+    bench = read_json(out / BENCH_FILE) if bench is None else bench
     rows = []
     for e in grid.experiments:
         run = out / e.name
@@ -363,6 +404,8 @@ def result_rows(out: Path, grid: Grid) -> list[dict]:
         cost = bench.get("methods", {}).get(method, {}) if same_model and not e.init else {}
         grads, edges = an.get("gradients", {}), an.get("edges", {})
         geometry, linearity = an.get("geometry", {}), an.get("linearity", {})
+        autoattack_at = {autoattack_key(r["eps"] / eps): {"eps": r["eps"], "robust_acc": r["robust_acc"], "n": r["n"]}
+                         for r in results if r["attack"] == "autoattack" and eps}
         rows.append({
             "model": e.name, "label": e.label or e.name, "recipe": e.recipe, "init": e.init, "method": method,
             "act": cfg.model.act if cfg else None, "eps": eps,
@@ -376,6 +419,9 @@ def result_rows(out: Path, grid: Grid) -> list[dict]:
             "saliency_edge_corr": edges.get("saliency_corr_mean"),
             "loss_grad_edge_corr": edges.get("loss_grad_corr_mean"),
             "curvature": geometry.get("curvature_mean"), "linearity_error": linearity.get("error_mean"),
+            "autoattack_at": dict(sorted(autoattack_at.items(), key=lambda kv: float(kv[0]))),
+            "weights_sha256": ev.get("weights_sha256"),
+            "config": {**dataclasses.asdict(cfg), "init": e.init} if cfg else None,
         })
     return rows
 
@@ -427,7 +473,6 @@ def html_table(table_id: str, header: list[str], body: list[list[str]], text_col
             "</tbody></table></div>\n")
 
 
-__all__ = ["BENCH_FILE", "Experiment", "Grid", "PipelineSettings", "Stage", "check_out", "check_runs", "format_summary",
-           "html_table", "read_json", "result_rows", "run_config", "run_stages", "stages", "summary_columns",
-           "text_table",
-           "write_state"]
+__all__ = ["BENCH_FILE", "Experiment", "Grid", "PipelineSettings", "Stage", "autoattack_key", "check_out", "check_runs",
+           "format_summary", "fraction_of_epochs", "html_table", "read_json", "result_rows", "run_config", "run_stages",
+           "stages", "summary_columns", "text_table", "write_state"]

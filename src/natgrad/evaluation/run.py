@@ -42,6 +42,7 @@ class Part:
     key: str = "n"
     batch_size: int | None = None  # None: the run's
     sweep_to: float | None = None  # the default eps sweep stops at this multiple of the first eps
+    eps: tuple[float, ...] | None = None  # this part's eps (None: the run's, ``RunSettings.eps`` or the recipe's)
 
 
 @dataclasses.dataclass
@@ -143,7 +144,8 @@ def _plan(settings: RunSettings, loaded: LoadedModel, run: RunDir | None, ctx: C
         sweep_eps = None
         if part.sweep_to is not None:
             sweep_eps = [e for e in default_sweep_eps(eps[0]) if e <= part.sweep_to * eps[0] * (1 + 1e-9)]
-        s = EvalSettings(attacks=list(part.attacks), eps=eps, pgd_steps=settings.pgd_steps, restarts=settings.restarts,
+        s = EvalSettings(attacks=list(part.attacks), eps=list(part.eps) if part.eps else eps,
+                         pgd_steps=settings.pgd_steps, restarts=settings.restarts,
                          batch_size=part.batch_size or settings.batch_size, seed=settings.seed,
                          aa_attacks=settings.aa_attacks, source=src.model if src else None, sweep_eps=sweep_eps,
                          progress=settings.progress, square_queries=settings.square_queries)
