@@ -192,7 +192,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     run_reproduce(args.dataset, args.out, budget=args.budget, overrides=tuple(args.overrides), progress=not args.quiet,
-                  reuse_from=args.reuse)
+                  reuse_from=args.reuse, only=tuple(n.strip() for n in args.only.split(",")) if args.only else ())
     return 0
 
 
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dataset", help="fmnist, cifar10 or imagenet")
     r.add_argument("--out", metavar="DIR", help="the folder (default runs/reproduce-DATASET-BUDGET)")
     r.add_argument("--budget", default="full", help="short or full (default full)")
+    r.add_argument("--only", metavar="NAMES", help="comma-separated experiments of the grid to run (with the ones "
+                   "they fine-tune from), e.g. resnet50-gelu-gradnorm; the other claims are then not measured")
     r.add_argument("--reuse", metavar="RESULTS_JSON",
                    help="an earlier run's results.json: take over the rows of experiments whose resolved config and "
                         "evaluation settings are identical (models this run needs are retrained and checked)")

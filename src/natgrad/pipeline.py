@@ -32,7 +32,7 @@ from natgrad.engine import checkpoint as ckpt
 from natgrad.engine.checkpoint import atomic_write_text
 from natgrad.engine.distributed import barrier, setup
 from natgrad.engine.train import train
-from natgrad.errors import Preempted, UserError
+from natgrad.errors import Preempted, UserError, did_you_mean, short
 from natgrad.rundir import RunDir
 
 BENCH_FILE = "bench.json"
@@ -97,9 +97,10 @@ class Experiment:
     """One model of a grid: trained from ``recipe`` with ``overrides`` (after the sizes' schedule),
     from scratch or fine-tuned from the weights of the experiment named ``init``.
 
-    ``epochs_fraction`` trains for that fraction of the epochs the schedule gives the recipe (at least 1), as
-    the paper's fine-tunes do; ``autoattack_eps`` adds standard AutoAttack at those multiples of the recipe's
-    eps to the one at the eps itself.
+    ``epochs_fraction`` trains for that fraction of the epochs the schedule gives the recipe (or the recipe
+    ``fraction_of``, the one of the model it fine-tunes, where its own recipe sets a fine-tuning schedule), at
+    least 1, as the paper's fine-tunes do; ``autoattack_eps`` adds standard AutoAttack at those multiples of the
+    recipe's eps to the one at the eps itself.
     """
 
     name: str  # its run folder, unique in the grid
@@ -108,6 +109,7 @@ class Experiment:
     init: str | None = None
     label: str = ""  # a few words for tables; default the name
     epochs_fraction: float | None = None
+    fraction_of: str | None = None
     autoattack_eps: tuple[float, ...] = ()
 
     def config(self, sizes: PipelineSettings, out: Path, with_init: bool = True):
@@ -118,7 +120,8 @@ class Experiment:
         cfg = config.load(self.recipe, overrides)
         if self.epochs_fraction is None:
             return cfg
-        return config.load(self.recipe, [*overrides, f"epochs={fraction_of_epochs(self.epochs_fraction, cfg.epochs)}"])
+        base = cfg if self.fraction_of is None else config.load(self.fraction_of, overrides)
+        return config.load(self.recipe, [*overrides, f"epochs={fraction_of_epochs(self.epochs_fraction, base.epochs)}"])
 
     @property
     def autoattack_at(self) -> tuple[float, ...]:
@@ -144,6 +147,20 @@ class Grid:
         for k, e in enumerate(self.experiments):
             if e.init is not None and e.init not in names[:k]:
                 raise ValueError(f"{e.name} fine-tunes {e.init}, which is not an earlier experiment")
+
+    def only(self, names: Sequence[str]) -> Grid:
+        """The grid of the experiments ``names`` and those they fine-tune from (in the grid's order)."""
+        by_name = {e.name: e for e in self.experiments}
+        keep: set[str] = set()
+        for name in names:
+            if name not in by_name:
+                raise UserError(f"--only: the grid has no experiment {short(name)}{did_you_mean(name, list(by_name))}"
+                                f"; it has {', '.join(by_name)}")
+            step: str | None = name
+            while step is not None and step not in keep:
+                keep.add(step)
+                step = by_name[step].init
+        return dataclasses.replace(self, experiments=tuple(e for e in self.experiments if e.name in keep))
 
     def as_json(self) -> dict:
         return {"experiments": [e.as_json() for e in self.experiments], "bench_recipe": self.bench_recipe,

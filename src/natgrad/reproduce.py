@@ -64,13 +64,14 @@ SWEEP_EPOCHS_FRACTION = 0.3
 # ---------------------------------------------------------------------------- grids
 
 
-def _weight_sweep(prefix: str, recipe: str, init: str) -> tuple[Experiment, ...]:
-    """Figure 5's sweep: ``init`` (trained from ``recipe``) fine-tuned at each weight of :data:`SWEEP_WEIGHTS` for
-    :data:`SWEEP_EPOCHS_FRACTION` of the epochs the budget gives ``recipe``, at least 1."""
+def _weight_sweep(prefix: str, recipe: str, init: str, fraction_of: str | None = None) -> tuple[Experiment, ...]:
+    """Figure 5's sweep: ``init`` fine-tuned with ``recipe`` at each weight of :data:`SWEEP_WEIGHTS` for
+    :data:`SWEEP_EPOCHS_FRACTION` of the epochs the budget gives ``init``'s recipe ``fraction_of`` (default
+    ``recipe`` itself), at least 1."""
     return tuple(Experiment(f"{prefix}gn-weight-{w:g}", recipe,
                             (f"gradnorm.ce_weight={2 - w:g}", f"gradnorm.gn_weight={w:g}", "gradnorm.warmup_epochs=0"),
                             init=init, label=f"GradNorm weight {w:g} (fine-tuned)",
-                            epochs_fraction=SWEEP_EPOCHS_FRACTION) for w in SWEEP_WEIGHTS)
+                            epochs_fraction=SWEEP_EPOCHS_FRACTION, fraction_of=fraction_of) for w in SWEEP_WEIGHTS)
 
 
 # Table 2 evaluates the same eps-trained GradNorm and PGD-3 models at eps/4 and eps/2 too.
@@ -99,26 +100,36 @@ def fmnist_grid(fine_tune_epochs: int) -> Grid:
 
 
 def cifar10_grid(fine_tune_epochs: int) -> Grid:
+    """Table 9 as the released code ran it: natural training, then GradNorm and PGD-3 fine-tuned from it."""
     experiments = (
         Experiment("natural", "cifar10-prn18-natural", label="natural"),
-        Experiment("gradnorm", "cifar10-prn18-gradnorm", label="GradNorm"),
-        Experiment("pgd", "cifar10-prn18-pgd", label="PGD-3"),
+        Experiment("gradnorm", "cifar10-prn18-gradnorm", init="natural", label="GradNorm (from natural)"),
+        Experiment("pgd", "cifar10-prn18-pgd", init="natural", label="PGD-3 (from natural)"),
     )
     return Grid(experiments, bench_recipe="cifar10-prn18-gradnorm", bench_methods=("natural", "gradnorm", "pgd"))
 
 
 def imagenet_grid(fine_tune_epochs: int) -> Grid:
+    """Tables 2-5, 8 and Figure 5: Swin-B from timm's checkpoint; each ResNet-50 from its activation-swap stage
+    (Section 4.2); the weight sweep and the noisy-input fine-tune from the Swin-B GradNorm model."""
+    swaps = tuple(Experiment(f"resnet50-{act}-natural", f"imagenet-resnet50-{act}-natural",
+                             label=f"ResNet-50 {act.upper()}, activation swap (3 epochs)")
+                  for act in ("gelu", "silu", "relu"))
     resnets = tuple(Experiment(f"resnet50-{act}-{method}", f"imagenet-resnet50-{act}-{method}",
+                               init=f"resnet50-{act}-natural",
                                label=f"ResNet-50 {act.upper()}, {'GradNorm' if method == 'gradnorm' else 'PGD-3'}")
                     for method in ("gradnorm", "pgd") for act in ("gelu", "silu", "relu"))
     experiments = (
         Experiment("natural", "imagenet-swinb-natural", label="Swin-B natural"),
-        Experiment("gradnorm", "imagenet-swinb-gradnorm", label="Swin-B GradNorm"),
-        Experiment("pgd", "imagenet-swinb-pgd", label="Swin-B PGD-3"),
+        Experiment("gradnorm", "imagenet-swinb-gradnorm", label="Swin-B GradNorm", autoattack_eps=SMALLER_EPS),
+        Experiment("pgd", "imagenet-swinb-pgd", label="Swin-B PGD-3", autoattack_eps=SMALLER_EPS),
         Experiment("fgsm", "imagenet-swinb-fgsm", label="Swin-B FGSM"),
         Experiment("edge", "imagenet-swinb-edge", label="Swin-B edge regularization"),
+        *swaps,
         *resnets,
-        *_weight_sweep("", "imagenet-swinb-gradnorm", "gradnorm"),
+        *_weight_sweep("", "imagenet-swinb-gradnorm-sweep", "gradnorm", fraction_of="imagenet-swinb-gradnorm"),
+        Experiment("gradnorm-noise", "imagenet-swinb-gradnorm-noise", init="gradnorm", epochs_fraction=0.1,
+                   fraction_of="imagenet-swinb-gradnorm", label="Swin-B GradNorm on noisy inputs (fine-tuned)"),
     )
     return Grid(experiments, bench_recipe="imagenet-swinb-gradnorm", bench_methods=("natural", "gradnorm", "pgd"))
 
@@ -590,7 +601,8 @@ def describe_reproduction(dataset: str, budget: str, grid: Grid, sizes: Pipeline
 
 def run_reproduce(dataset: str, out: Path | str | None = None, budget: str = "full", overrides: tuple[str, ...] = (),
                   progress: bool = True, log: Callable[[str], None] | None = None,
-                  sizes: PipelineSettings | None = None, reuse_from: Path | str | None = None) -> dict:
+                  sizes: PipelineSettings | None = None, reuse_from: Path | str | None = None,
+                  only: tuple[str, ...] = ()) -> dict:
     """Run (or continue) the grid of ``dataset`` into ``out`` and decide every claim; returns results.json's content.
 
     Args:
@@ -604,8 +616,12 @@ def run_reproduce(dataset: str, out: Path | str | None = None, budget: str = "fu
         sizes: replace the budget's sizes (tests shrink everything with it).
         reuse_from: an earlier run's results.json whose rows are taken over where the experiment's resolved
             config and the evaluation settings are identical (:mod:`natgrad.reuse`).
+        only: run just these experiments of the grid and the ones they fine-tune from; the claims that need
+            others are then not measured.
     """
     d, grid, budget_sizes = resolve(dataset, budget)
+    if only:
+        grid = grid.only(only)
     sizes = dataclasses.replace(sizes or budget_sizes, overrides=tuple(overrides))
     out = Path(out or f"runs/reproduce-{dataset}-{budget}")
     source = reuse.load_source(reuse_from) if reuse_from is not None else None
