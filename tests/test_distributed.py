@@ -5,13 +5,18 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import TINY, assert_same_weights, run_cli, weights
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
+@pytest.mark.parametrize("split", [[], ["batch_size=31", "accum_steps=2"]], ids=["even", "uneven-accumulated"])
+def test_two_process_gloo_matches_single_process(tmp_path, split):
+    """Also a global batch of 31 in shares of 16 and 15, each in 2 micro-batches (8 + 8, 8 + 7)."""
     # cnn-small has no BatchNorm, so per-process batch statistics cannot differ.
-    args = ["fmnist-gradnorm", *TINY, "epochs=1", "data.limit_eval=63", "model.name=cnn-small", "--quiet"]
-    assert run_cli(["train", *args, "--out", str(tmp_path / "one")])[0] == 0
+    args = ["fmnist-gradnorm", *TINY, "epochs=1", "data.limit_eval=63", "model.name=cnn-small", "--quiet", *split]
+    assert run_cli(["train", *[a for a in args if not a.startswith("accum_steps")], "--out",
+                    str(tmp_path / "one")])[0] == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

@@ -107,3 +107,14 @@ def test_only_names_an_experiment_of_the_grid(tmp_path):
     with pytest.raises(UserError, match="no experiment 'resnet50-gelu-gradnrom' .did you mean resnet50-gelu-gradnorm"):
         run_reproduce("imagenet", tmp_path / "r", budget="short", only=("resnet50-gelu-gradnrom",), log=lambda _: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_reproduce_imagenet_without_internet_stops_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    tree = tmp_path / "imagenet"
+    _image_folder(tree)
+    with pytest.raises(UserError, match="needs timm's weights for swin_base_patch4_window7_224.ms_in22k_ft_in1k"):
+        run_reproduce("imagenet", tmp_path / "r", budget="short", overrides=(f"data.root={tree}",),
+                      log=lambda _: None)
+    assert not (tmp_path / "r").exists()

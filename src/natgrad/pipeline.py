@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from natgrad import config, data, evaluation
+from natgrad import config, data, evaluation, models
 from natgrad.analysis.analyze import AnalysisSettings, write_analysis
 from natgrad.engine import bench
 from natgrad.engine import checkpoint as ckpt
@@ -219,9 +219,13 @@ def check_runs(out: Path, grid: Grid, sizes: PipelineSettings) -> None:
 
 def check_data(grid: Grid, sizes: PipelineSettings, out: Path) -> None:
     """Fail before anything is written when the grid's dataset cannot be read (missing, or not where
-    data.root says)."""
+    data.root says), or an experiment's pretrained start cannot load (a missing file, no internet)."""
 
     data.build(grid.experiments[0].config(sizes, out, with_init=False), "test")
+    for e in grid.experiments:
+        cfg = e.config(sizes, out, with_init=False)
+        if e.init is None:
+            models.check_pretrained(cfg.model.name, cfg.model.pretrained)
 
 
 def write_state(out: Path, state_file: str, state: dict) -> None:
