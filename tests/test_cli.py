@@ -18,7 +18,7 @@ from conftest import TINY, run_cli, weights
     (["train", "fmnist-natural", "model.name=resnet81"], "unknown model 'resnet81'"),
     (["train", "fmnist-natural", "--bogus"], "unrecognized arguments: --bogus"),
     (["train", "fmnist-natural", *TINY, "batch_size=1000"], "fewer than batch_size=1000"),
-    (["train", "fmnist-natural", *TINY, "aug.mixup=0.8", "batch_size=31"], "even batch"),
+    (["train", "fmnist-natural", *TINY, "aug.mixup=0.8", "batch_size=31"], "batch_size=31 is odd: use 30 or 32"),
     (["train", "fmnist-edge", "edge.tau=0"], "edge.tau=0.0 must be positive"),
     (["train", "fmnist-edge", "edge.sigma=-1"], "edge.sigma=-1.0 must be positive"),
     (["train", "fmnist-edge", "edge.teacher=sobel"], "edge.teacher='sobel' is not one of energy, magnitude"),
