@@ -182,7 +182,9 @@ def test_bad_input_leaves_nothing(tmp_path, capsys):
                                                                       "cifar10?)"),
                           (["reproduce", "fmnist", "--budget", "long", "--out", str(out)], "unknown budget 'long'"),
                           (["reproduce", "fmnist", "--out", str(out), "gradnorm.gn_weight=-1"], "gn_weight"),
-                          (["reproduce", "fmnist", "--out", str(out), "epochs=x"], "epochs")):
+                          (["reproduce", "fmnist", "--out", str(out), "epochs=x"], "epochs"),
+                          (["reproduce", "fmnist", "--out", str(out), "--reuse", str(tmp_path / "none.json")],
+                           "none.json: cannot read it")):
         code, err = run_cli(args, capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
         assert not out.exists()

@@ -460,9 +460,11 @@ def reuse_markdown(reuse_summary: dict | None, rows: list[dict]) -> list[str]:
         return ["Every number was measured in this run.", ""]
     by_name = {r["model"]: r for r in rows}
     lines = ["## What was measured here and what was reused", "",
-             f"Reused from `{reuse_summary['path']}` (sha256 `{reuse_summary['sha256'][:16]}`; its configurations "
-             f"{reuse_summary['configs']}, compared with this run's key by key), only where an experiment's resolved "
-             "configuration, that of the model it fine-tunes, and the evaluation settings are identical:", ""]
+             f"Reused from `{reuse_summary['path']}` (sha256 `{reuse_summary['sha256'][:16]}`"
+             + (f", written {reuse_summary['finished']}" if reuse_summary.get("finished") else "")
+             + f"; its configurations {reuse_summary['configs']}, compared with this run's key by key), only where an "
+             "experiment's resolved configuration, that of the model it fine-tunes, and the evaluation settings are "
+             "identical:", ""]
     if reuse_summary["whole_rows"]:
         lines.append(f"- whole rows, not trained again: {', '.join(reuse_summary['whole_rows'])};")
     for name, info in reuse_summary["retrained"].items():

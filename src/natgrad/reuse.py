@@ -60,9 +60,10 @@ class Source:
     bench: dict
     configs: dict[str, dict]  # experiment -> flattened resolved config (IGNORED keys left out)
     recorded: bool  # the rows record their resolved configs (False: rebuilt from the recipe names and overrides)
+    finished: str | None = None  # when that run wrote it (results.json of an earlier natgrad do not say)
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "sha256": self.sha256}
+        return {"path": str(self.path), "sha256": self.sha256, **({"finished": self.finished} if self.finished else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ def load_source(path: Path | str) -> Source:
             r["autoattack_at"] = {autoattack_key(1.0): {"eps": r["eps"], "robust_acc": r["autoattack_acc"],
                                                         "n": r.get("autoattack_n")}}
     return Source(path, hashlib.sha256(raw).hexdigest(), settings.get("dataset", ""), rows, settings["sizes"], grid,
-                  results.get("bench") or {}, configs, recorded)
+                  results.get("bench") or {}, configs, recorded, results.get("finished"))
 
 
 # ---------------------------------------------------------------------------- the plan
