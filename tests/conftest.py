@@ -43,6 +43,20 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=f"{k} differs")
 
 
+def write_image_folder(root: Path, classes: tuple[str, ...], per_split: dict[str, int], size: int) -> None:
+    """train/ and val/ ImageFolder trees of random ``size`` x ``size`` RGB PNGs, ``per_split[split]`` per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in per_split.items():
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
 @pytest.fixture
 def fmnist() -> Path:
     """The Fashion-MNIST folder; the test is skipped where it is not installed (`make test` installs it)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
-from conftest import run_cli
+from conftest import run_cli, write_image_folder
 from natgrad import config, data
 from natgrad.data import EpochBatches
 from natgrad.errors import UserError
@@ -100,16 +100,7 @@ def test_rand_augment_at_full_severity_works_with_current_pillow():
 
 def _image_tree(root, bad: int) -> None:
     """train/ and val/ ImageFolder trees of 28x28 PNGs, with ``bad`` unreadable files in train/ and one in val/."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for cls in ("a", "b"):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    write_image_folder(root, ("a", "b"), {"train": 8, "val": 4}, 28)
     good = (root / "train" / "a" / "0.png").read_bytes()
     corrupt = [b"not an image at all", good[: len(good) // 2]]  # garbage, and a truncated PNG
     for i in range(bad):

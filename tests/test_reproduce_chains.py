@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import weights
+from conftest import weights, write_image_folder
 from natgrad import config, reproduce
 from natgrad.errors import UserError
 from natgrad.pipeline import PipelineSettings
@@ -23,14 +21,8 @@ SMALL = PipelineSettings(epochs=1, limit_train=None, limit_eval=8, n_eval=8, n_s
                          bench_steps=1, bench_warmup=0)
 
 
-def _image_folder(root: Path, size: int = 32) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("val", 4)):
-        for cls in ("n01", "n02"):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+def _image_folder(root: Path) -> None:
+    write_image_folder(root, ("n01", "n02"), {"train": 12, "val": 4}, 32)
 
 
 def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str = "net.") -> float:
