@@ -24,6 +24,7 @@ EraseMode = Literal["const", "rand", "pixel"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"]
 
 METHODS: tuple[Method, ...] = get_args(Method)
+DOUBLE_BACKPROP: tuple[Method, ...] = ("gradnorm", "edge")  # their losses hold an input gradient's graph
 DATASETS: tuple[DatasetName, ...] = get_args(DatasetName)
 DEVICES: tuple[Device, ...] = get_args(Device)
 SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)

@@ -88,6 +88,7 @@ class ModelConfig:
     pretrained: bool | str = False  # timm models: true (timm's weights of the name's tag) or a checkpoint path
     train_mode: str = "train"  # eval: the whole model in eval mode while training (the authors' code, every method)
     bn_eval: bool = False  # keep only BatchNorm in eval mode while training
+    sync_bn: bool = False  # under several processes: BatchNorm statistics over the global batch (SyncBatchNorm, GPUs)
     drop_path: float = 0.0
     drop: float = 0.0
 

@@ -1,12 +1,15 @@
 """torchrun support: rank and world size from the environment; gloo on CPU, NCCL on GPU.
 
-Gradients are averaged with one flat all-reduce after each backward instead of wrapping the
-model in DistributedDataParallel: DDP does not support double backprop (GradNorm) reliably,
-and this works the same for every objective.
+Training wraps the model in :class:`~torch.nn.parallel.DistributedDataParallel` (:func:`data_parallel`) for
+every objective. Its hooks fire on the parameters' gradient accumulation, which happens once, in the step's
+final ``.backward()``; the input gradients of GradNorm and edge regularization (``autograd.grad`` with
+respect to the input only), attack steps and the finite difference's first pass accumulate nothing, and
+run on the unwrapped module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from natgrad.build import select_device
@@ -45,20 +49,30 @@ def setup(device: str = "auto") -> Context:
     return Context(rank, world, dev)
 
 
-def all_reduce_gradients(model: nn.Module, world: int) -> None:
-    """Average parameter gradients over processes."""
-    if world == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+def data_parallel(model: nn.Module, ctx: Context) -> nn.Module:
+    """``model`` in DistributedDataParallel under several processes (``model`` itself in one).
+
+    ``find_unused_parameters`` stays off (every objective's loss reaches every parameter through its
+    cross-entropy); gradients are views into DDP's buckets, which saves a copy of them per step.
+    """
+    if ctx.world == 1:
+        return model
+    devices = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=devices, gradient_as_bucket_view=True)
+
+
+def gradient_sync(wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Around a micro-batch's forward and backward: communicate its gradients (``sync``) or only accumulate
+    them (DDP's ``no_sync``), as the micro-batches of one optimizer step before its last do."""
+    if sync or not isinstance(wrapped, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
+
+
+def sync_batchnorm(model: nn.Module, ctx: Context) -> nn.Module:
+    """``model`` with its BatchNorm layers as SyncBatchNorm (statistics over every process's batch); unchanged
+    in one process. The state dict keys stay those of BatchNorm, so checkpoints move between the two."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if ctx.world > 1 else model
 
 
 def sum_over_processes(values: torch.Tensor, world: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 AdamW and a per-iteration cosine schedule with warmup (timm), gradient clipping, EMA of the
 weights (timm), bf16 autocast on CUDA, per-epoch clean and PGD accuracy, atomic checkpoints,
-exact ``--resume``, and data parallelism under torchrun.
+exact ``--resume``, and DistributedDataParallel under torchrun (gradients communicated once per optimizer
+step; SyncBatchNorm on request).
 
 Run folder: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``, ``model.safetensors``
 (and ``model_ema.safetensors`` when EMA is on), ``summary.json``.
@@ -34,9 +35,18 @@ from torch.utils.data import Dataset
 from natgrad import config as config_mod
 from natgrad import data, models
 from natgrad.build import build_model, build_objective, build_optimizer, build_scheduler, seed_everything
+from natgrad.choices import DOUBLE_BACKPROP
 from natgrad.config import RunConfig
 from natgrad.engine import checkpoint as ckpt
-from natgrad.engine.distributed import Context, all_reduce_gradients, barrier, setup, sum_over_processes
+from natgrad.engine.distributed import (
+    Context,
+    barrier,
+    data_parallel,
+    gradient_sync,
+    setup,
+    sum_over_processes,
+    sync_batchnorm,
+)
 from natgrad.errors import NonFiniteLossError, Preempted, UserError
 from natgrad.evaluation import evaluate
 from natgrad.objectives import Objective
@@ -239,6 +249,7 @@ def _checked_setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> t
         # Well-fitted models have tiny input gradients; their denormal floats slow CPU arithmetic many-fold.
         torch.set_flush_denormal(True)
     _check_split(cfg, ctx.world)
+    _check_sync_bn(cfg, ctx)
     _check_out_dir(out, resume, cfg)  # on every process, so that all stop together on bad input
     barrier(ctx.world)  # before rank 0 starts writing into ``out``
     return cfg, ctx
@@ -264,6 +275,20 @@ def _check_split(cfg: RunConfig, world: int) -> None:
                         f"{cfg.batch_size - 1} or {cfg.batch_size + 1}")
 
 
+def _check_sync_bn(cfg: RunConfig, ctx: Context) -> None:
+    """``model.sync_bn`` can work here: GPUs, and no double backward through train-mode BatchNorm."""
+    if not cfg.model.sync_bn or ctx.world == 1:
+        return
+    if ctx.device.type != "cuda":
+        raise UserError("model.sync_bn=true needs GPUs (SyncBatchNorm has no CPU kernels); drop it on "
+                        f"{ctx.device.type}, or freeze BatchNorm with model.train_mode=eval")
+    batchnorm_trains = cfg.model.train_mode == "train" and not cfg.model.bn_eval
+    if batchnorm_trains and cfg.method in DOUBLE_BACKPROP:
+        raise UserError(f"model.sync_bn=true: SyncBatchNorm has no double backward, which {cfg.method} takes "
+                        "through train-mode BatchNorm; use model.train_mode=eval (the paper's setting) or "
+                        "model.bn_eval=true, or drop sync_bn")
+
+
 def _build_run(cfg: RunConfig, ctx: Context, out: Path, resume: bool, progress: bool, signals: StopSignals) -> _Run:
     """Data, model (fine-tuning: with the ``init`` weights unless resuming), optimizer, schedule, EMA,
     objective and mixup, in the order that draws the seeded random numbers as every run does."""
@@ -277,12 +302,15 @@ def _build_run(cfg: RunConfig, ctx: Context, out: Path, resume: bool, progress: 
                         "lower batch_size")
     seed_everything(cfg.seed)
     model = build_model(cfg, pretrained=_starts_pretrained(cfg, out, resume)).to(ctx.device)
+    if cfg.model.sync_bn:
+        model = sync_batchnorm(model, ctx)
     if cfg.init and not (resume and RunDir(out).checkpoint.is_file()):  # fine-tuning, unless a checkpoint follows
         ckpt.load_weights(model, weights_file(cfg.init))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     objective = build_objective(cfg, model)
+    objective.distribute(data_parallel(model, ctx))  # after the weights are final: DDP broadcasts rank 0's
     mixup = data.create_mixup(cfg, di.num_classes)
     return _Run(cfg, ctx, RunDir(out), progress, signals, train_ds, eval_ds, steps_per_epoch, model, optimizer,
                 scheduler, ema, objective, mixup)
@@ -393,23 +421,24 @@ def _train_step(run: _Run, micro: list[tuple[torch.Tensor, torch.Tensor]], epoch
     n_local = sum(len(y) for _, y in micro)
     means: dict[str, float] = {}
     fault = None
-    for x, y in micro:
+    for i, (x, y) in enumerate(micro):
         n = len(y)
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         if run.mixup is not None:
             x, y = run.mixup(x, y)
-        with _autocast(ctx, cfg):
-            result = run.objective(x, y, epoch_fraction=run.step / run.steps_per_epoch)
-        loss = result["loss"]
-        if not _finite(loss.detach(), ctx):
-            fault = "loss"
-            break
-        (loss * (n * ctx.world / cfg.batch_size)).backward()
+        with gradient_sync(run.objective.loss_model, sync=i == len(micro) - 1):
+            with _autocast(ctx, cfg):
+                result = run.objective(x, y, epoch_fraction=run.step / run.steps_per_epoch)
+            loss = result["loss"]
+            if not _finite(loss.detach(), ctx):
+                fault = "loss"
+                break
+            # DDP averages over processes: the weight makes the sum the global batch's mean
+            (loss * (n * ctx.world / cfg.batch_size)).backward()
         for k, v in [*result.items(), ("loss", loss.item())]:
             if isinstance(v, float):
                 means[k] = means.get(k, 0.0) + v * n / n_local
     if fault is None:
-        all_reduce_gradients(run.model, ctx.world)
         # the gradient norm, clipped where the recipe asks (max_norm inf leaves the gradients as they are)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad or math.inf)
         fault = None if _finite(grad_norm, ctx) else "gradient"

@@ -12,10 +12,21 @@ def linear_warmup(epoch_fraction: float, warmup_epochs: float) -> float:
 
 
 class Objective:
-    """A training loss for ``model``: ``objective(x, y, epoch_fraction) -> dict``."""
+    """A training loss for ``model``: ``objective(x, y, epoch_fraction) -> dict``.
+
+    The forward whose ``.backward()`` gives the step's parameter gradients goes through ``loss_model``
+    (``model`` itself, or DistributedDataParallel around it after :meth:`distribute`); attacks and other
+    passes that only need input gradients use ``model``.
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.loss_model: nn.Module = model
+
+    def distribute(self, wrapped: nn.Module) -> None:
+        """Take the loss's forward through ``wrapped``, a module around ``model`` whose backward averages the
+        parameter gradients over processes."""
+        self.loss_model = wrapped
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
         raise NotImplementedError

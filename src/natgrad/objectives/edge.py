@@ -114,7 +114,7 @@ class EdgeRegularization(Objective):
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
         output = None if self.student == "loss" else self._sampled_logit
-        logits, _, student = input_gradient(self.model, x, y, create_graph=True, output=output)
+        logits, _, student = input_gradient(self.loss_model, x, y, create_graph=True, output=output)
         edge = self._code_edge(x, student) if self.form == "code" else self._paper_edge(x, student)
         weight = self.weight_at(epoch_fraction)
         ce = per_sample_ce(logits, y).mean()

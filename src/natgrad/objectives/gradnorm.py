@@ -72,7 +72,7 @@ class GradNorm(Objective):
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
         x = self.perturb(x, y)
-        logits, ce, grad = input_gradient(self.model, x, y, create_graph=True)
+        logits, ce, grad = input_gradient(self.loss_model, x, y, create_graph=True)
         reg = self.penalty(grad).mean()
         weight = self.weight(epoch_fraction)
         ce = ce.mean()
@@ -94,7 +94,9 @@ class GradNormFD(GradNorm):
     naturally trained one unless ``fd_step`` is small (docs/RESULTS.md). The second point is not
     clipped to [0, 1]: it probes the function, it is not an image.
 
-    One step costs two forward and two backward passes, runs with any attention kernel, and keeps
+    The first pass runs on the unwrapped model (its parameter gradients are taken, not accumulated), the
+    second through ``loss_model``. One step costs two forward and two backward passes, runs with any
+    attention kernel, and keeps
     one graph at a time. Both passes run in float32 even under autocast: at bf16's resolution
     (about 0.004 near 1) a small step is lost in rounding. Dropout and drop-path draw the same
     masks in both passes; BatchNorm in train mode sees (and counts in its running statistics) both
@@ -130,12 +132,13 @@ class GradNormFD(GradNorm):
         value = self.ce_weight * mean_ce + weight * reg
         coef_x: float | torch.Tensor = self.ce_weight / n  # on grad_theta sum_i L_i(x), already computed
         surrogate = torch.zeros((), device=x.device)
-        if weight > 0:
+        # Under DDP the backward must follow a forward of the wrapped module, even when the penalty is off.
+        if weight > 0 or self.loss_model is not self.model:
             t = self.fd_step / direction.abs().amax().clamp_min(1e-30)
             coef_x = coef_x - weight / (n * t)
             _set_rng_state(x.device, rng)  # the same dropout masks as the first pass
             x2 = (x + t * direction).to(x.dtype)
-            surrogate = per_sample_ce(self.model(x2), y).sum() * (weight / (n * t))
+            surrogate = per_sample_ce(self.loss_model(x2), y).sum() * (weight / (n * t))
         # a term linear in the parameters whose gradient is coef_x * grad_theta sum_i L_i(x)
         for p, pg in zip(params, param_grads):
             if pg is not None:

@@ -10,6 +10,6 @@ from natgrad.objectives.base import Objective
 
 class Natural(Objective):
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
-        logits = self.model(x)
+        logits = self.loss_model(x)
         ce = per_sample_ce(logits, y).mean()
         return {"loss": ce, "logits": logits, "ce": ce.item()}

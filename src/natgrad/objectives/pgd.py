@@ -24,7 +24,7 @@ class PGDTraining(Objective):
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
         step = self.step_size * linear_warmup(epoch_fraction, self.warmup_epochs)
         x_adv = pgd(self.model, x, y, self.eps, self.steps, step_size=step, random_start=self.random_start)
-        logits = self.model(x_adv)
+        logits = self.loss_model(x_adv)
         ce = per_sample_ce(logits, y).mean()
         return {"loss": ce, "logits": logits, "ce": ce.item(), "attack_step": step}
 
