@@ -117,7 +117,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                                  else min(1000, num_images(evaluation.eval_dataset(loaded.cfg, None))))
     settings = AnalysisSettings(eps=eps[0] if eps else loaded.cfg.eps, analyses=analyses, batch_size=args.batch_size,
                                 power_iterations=args.power_iterations, seed=args.seed, progress=not args.quiet)
-    summary, arrays = evaluation.analyze_model(loaded, ds, settings)
+    summary, arrays = evaluation.analyze_model(loaded, ds, settings, ctx)  # sharded across torchrun's processes
+    if not ctx.is_main:  # every process has the merged result; rank 0 writes it
+        return 0
     text = json.dumps(summary, indent=2, default=str)
     path = out / ANALYSIS_JSON
     _write_or_keep(lambda: write_analysis(summary, arrays, out), text, path, "analysis numbers")
@@ -262,12 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="the paper's gradient analyses of a trained model, with figures", description=(
         "Gradient norms conditioned on PGD-10 (Table 1), channels, edge correlation (Table 5), curvature (Table 6), "
         "local linearity (Table 7), statistics along the attack (Figure 11) and pictures; writes analysis.json "
-        "and one PNG per figure."))
+        "and one PNG per figure. Under torchrun the images are sharded across the processes (as eval shards "
+        "them) and rank 0 writes the same analysis.json as one process."))
     a.add_argument("source", metavar="RUN_DIR", help=SOURCE_HELP)
     a.add_argument("--recipe", help=RECIPE_HELP)
     a.add_argument("--model", help="override the recipe's model name")
     a.add_argument("--n", "--num-images", dest="n", type=int,
-                   help="test images (a fixed seeded subset; default 1000 or the whole test set if smaller)")
+                   help="test images, over all processes (a fixed seeded subset; default 1000 or the whole test "
+                   "set if smaller)")
     a.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
     a.add_argument("--analyses", default=",".join(ANALYSES), help=f"any of {','.join(ANALYSES)} (default all)")
     a.add_argument("--eps", help="attack and linearity radius (default the recipe's eps); accepts 4/255")

@@ -4,6 +4,12 @@
 figures draw. Each analysis makes its own pass over the images, with its own progress bar; the
 randomness of batch ``b`` (PGD starts, power-iteration starts, linearity draws) is seeded by
 ``seed + b``, so results do not depend on which analyses run.
+
+Under torchrun the images are sharded across the processes as ``natgrad eval`` shards them (global batch
+``b`` on rank ``b % world``, :func:`natgrad.engine.distributed.shard_batches`). Every analysis keeps its
+per-batch values with the global batch index; they are gathered to every process, put back in global
+batch order and reduced there as one process reduces them, so the summary and the figures' arrays are
+those of one process, for any number of processes.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -33,6 +40,7 @@ from natgrad.analysis.geometry import (
 )
 from natgrad.attacks import paper_step_size, pgd
 from natgrad.choices import ANALYSES, Analysis
+from natgrad.engine.distributed import Context, global_batch_index
 from natgrad.errors import UserError, did_you_mean
 from natgrad.files import TEMP_PREFIX
 from natgrad.gradients import LossFn, eval_mode, frozen_parameters, loss_and_gradient
@@ -42,6 +50,7 @@ BatchSource = Callable[[str, int, bool], Iterator[tuple[torch.Tensor, torch.Tens
 """``(description, batch size, progress) ->`` the seeded batches of the images to analyse, on the model's device
 (e.g. :func:`natgrad.engine.distributed.batch_source`)."""
 CHANNEL_EDGES = st.log_edges(1e-12, 1e4, 5)  # fixed, so that counts add up over batches
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -84,18 +93,43 @@ def _pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: 
     return pgd(model, x, y, eps, steps, paper_step_size(eps), random_start=True, keep_best=True)
 
 
-def _gradients(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict, dict]:
+def _in_global_order(mine: list[tuple[int, T]], ctx: Context) -> list[T]:
+    """Every process's ``(global batch index, value)`` pairs, merged: the values in global batch order, the same
+    list on every process (one all-gather under torchrun; every process must call it, with or without batches)."""
+    if ctx.world > 1:
+        parts: list[list[tuple[int, T]] | None] = [None] * ctx.world
+        dist.all_gather_object(parts, mine)
+        mine = [pair for part in parts for pair in part or []]
+    return [value for _, value in sorted(mine, key=operator.itemgetter(0))]
+
+
+def _batches(batches: BatchSource, ctx: Context, desc: str, batch_size: int, progress: bool
+             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(global batch index, x, y)`` of this process's batches."""
+    for k, (x, y) in enumerate(batches(desc, batch_size, progress)):
+        yield global_batch_index(ctx, k), x, y
+
+
+def _no_images() -> UserError:
+    return UserError("the analysis got no images; give at least one with --n")
+
+
+def _gradients(model: nn.Module, batches: BatchSource, s: AnalysisSettings, ctx: Context
+               ) -> tuple[dict, dict, dict]:
     """Table 1 and Figures 6, 7: L1 norms of loss gradients, conditioned on PGD success; channel values."""
-    l1, correct, fooled = [], [], []
-    channels: list[torch.Tensor] | None = None
-    for x, y in batches("gradients", s.batch_size, s.progress):
+    mine: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]]] = []
+    for b, x, y in _batches(batches, ctx, "gradients", s.batch_size, s.progress):
         _, _, g = loss_and_gradient(_ce(model, y), x)
         with torch.no_grad():
-            correct.append((model(x).argmax(1) == y).cpu())
-            fooled.append((model(_pgd(model, x, y, s.eps, s.pgd_steps)).argmax(1) != y).cpu())
-        l1.append(g.flatten(1).abs().sum(1).cpu())
+            correct = (model(x).argmax(1) == y).cpu()
+            fooled = (model(_pgd(model, x, y, s.eps, s.pgd_steps)).argmax(1) != y).cpu()
         per_channel = [st.count(g[:, c].abs(), CHANNEL_EDGES) for c in range(g.shape[1])]
-        channels = per_channel if channels is None else [a + b for a, b in zip(channels, per_channel)]
+        mine.append((b, (g.flatten(1).abs().sum(1).cpu(), correct, fooled, per_channel)))
+    merged = _in_global_order(mine, ctx)
+    if not merged:
+        raise _no_images()
+    l1, correct, fooled, counts = zip(*merged)
+    channels = [functools.reduce(operator.add, per_batch) for per_batch in zip(*counts)]
     l1_all, correct_all, fooled_all = torch.cat(l1), torch.cat(correct), torch.cat(fooled)
     mean, when_fails, when_succeeds = st.conditional_means(l1_all, fooled_all)
     edges = st.edges_for(l1_all)
@@ -108,8 +142,6 @@ def _gradients(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> t
                        "incorrect": st.histogram(l1_all[~correct_all], edges)},
     }
     edge_list = CHANNEL_EDGES.tolist()
-    if channels is None:
-        raise UserError("the analysis got no images; give at least one with --n")
     total = functools.reduce(operator.add, channels)
     channel_summary = {"n": len(l1_all), "all": {"edges": edge_list, "counts": total.tolist()},
                        "per_channel": [{"edges": edge_list, "counts": c.tolist()} for c in channels]}
@@ -117,22 +149,29 @@ def _gradients(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> t
     return summary, channel_summary, arrays
 
 
-def _edges(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
-    """Table 5 and Figure 8: log-log correlation of saliency and |loss gradient| with Sobel oriented energy."""
-    sal_corr: list[torch.Tensor] = []
-    loss_corr: list[torch.Tensor] = []
-    scatter: list[dict[str, Any]] = []
-    for x, y in batches("edges", s.batch_size, s.progress):
+def _edges(model: nn.Module, batches: BatchSource, s: AnalysisSettings, ctx: Context) -> tuple[dict, dict]:
+    """Table 5 and Figure 8: log-log correlation of saliency and |loss gradient| with Sobel oriented energy.
+
+    The scatter plots show the first ``scatter_images`` images: each process keeps the first of its own
+    batches, which hold the first ones of all that fall to it."""
+    mine: list[tuple[int, tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]]] = []
+    kept = 0
+    for b, x, y in _batches(batches, ctx, "edges", s.batch_size, s.progress):
         _, _, g_loss = loss_and_gradient(_ce(model, y), x)
         _, _, g_class = loss_and_gradient(_class_score(model, y), x)
         saliency = g_class.abs().amax(1)  # per-pixel max over channels
         loss_map = g_loss.abs().amax(1)
         energy = sobel_energy(x)
-        sal_corr.append(log_correlation(saliency, energy).cpu())
-        loss_corr.append(log_correlation(loss_map, energy).cpu())
-        for i in range(min(len(x), s.scatter_images - len(scatter))):
-            scatter.append({"log_energy": energy[i].clamp_min(1e-3).log().flatten().cpu(),
-                            "log_saliency": saliency[i].clamp_min(1e-30).log().flatten().cpu()})
+        points = [{"log_energy": energy[i].clamp_min(1e-3).log().flatten().cpu(),
+                   "log_saliency": saliency[i].clamp_min(1e-30).log().flatten().cpu()}
+                  for i in range(min(len(x), s.scatter_images - kept))]
+        kept += len(points)
+        mine.append((b, (log_correlation(saliency, energy).cpu(), log_correlation(loss_map, energy).cpu(), points)))
+    merged = _in_global_order(mine, ctx)
+    if not merged:
+        raise _no_images()
+    sal_corr, loss_corr, points_per_batch = zip(*merged)
+    scatter = [p for points in points_per_batch for p in points][: s.scatter_images]
     sal, loss = torch.cat(sal_corr), torch.cat(loss_corr)
     sal_mean, sal_std = st.mean_std(sal[sal.isfinite()])
     loss_mean, loss_std = st.mean_std(loss[loss.isfinite()])
@@ -142,14 +181,16 @@ def _edges(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple
     return summary, {"saliency_corr": sal, "loss_grad_corr": loss, "scatter": scatter}
 
 
-def _geometry(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
+def _geometry(model: nn.Module, batches: BatchSource, s: AnalysisSettings, ctx: Context) -> tuple[dict, dict]:
     """Table 6 and Figure 9: gradient L2 norm, Hessian spectral norm, normalized curvature."""
-    g2, hn, curv = [], [], []
-    for x, y in batches("geometry", s.batch_size, s.progress):
+    mine: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+    for b, x, y in _batches(batches, ctx, "geometry", s.batch_size, s.progress):
         _, g, h = hessian_spectral_norm(_ce(model, y), x, s.power_iterations)
-        g2.append(g.flatten(1).norm(dim=1).cpu())
-        hn.append(h.cpu())
-        curv.append(normalized_curvature(h, g).cpu())
+        mine.append((b, (g.flatten(1).norm(dim=1).cpu(), h.cpu(), normalized_curvature(h, g).cpu())))
+    merged = _in_global_order(mine, ctx)
+    if not merged:
+        raise _no_images()
+    g2, hn, curv = zip(*merged)
     g2_all, hn_all, curv_all = torch.cat(g2), torch.cat(hn), torch.cat(curv)
     summary: dict[str, Any] = {"n": len(g2_all), "power_iterations": s.power_iterations}
     for name, v in (("grad_l2", g2_all), ("hessian_norm", hn_all), ("curvature", curv_all)):
@@ -158,11 +199,13 @@ def _geometry(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tu
     return summary, {"grad_l2": g2_all, "hessian_norm": hn_all, "curvature": curv_all}
 
 
-def _linearity(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
+def _linearity(model: nn.Module, batches: BatchSource, s: AnalysisSettings, ctx: Context) -> tuple[dict, dict]:
     """Table 7 and Figure 10: local linearity error (Eq. 5-6) and its log10 (plus 1e-17)."""
-    errors = []
-    for x, y in batches("linearity", s.batch_size, s.progress):
-        errors.append(local_linearity_error(_ce(model, y), x, s.eps).cpu())
+    mine = [(b, local_linearity_error(_ce(model, y), x, s.eps).cpu())
+            for b, x, y in _batches(batches, ctx, "linearity", s.batch_size, s.progress)]
+    errors = _in_global_order(mine, ctx)
+    if not errors:
+        raise _no_images()
     err = torch.cat(errors).double()
     log10 = (err + 1e-17).log10()
     summary: dict[str, Any] = {"n": len(err), "eps": s.eps}
@@ -174,56 +217,82 @@ def _linearity(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> t
     return summary, {"error": err}
 
 
-def _along_attack(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
-    """Figure 11: mean loss, L1 gradient norm and normalized curvature at ``x + t (PGD-5(x) - x)``."""
+def _along_attack(model: nn.Module, batches: BatchSource, s: AnalysisSettings, ctx: Context) -> tuple[dict, dict]:
+    """Figure 11: mean loss, L1 gradient norm and normalized curvature at ``x + t (PGD-5(x) - x)``.
+
+    Each batch's totals are kept and added up in global batch order, as one process adds them."""
     t = torch.tensor(s.along_t, dtype=torch.float64)
-    sums = torch.zeros(3, len(t), dtype=torch.float64)
-    n = 0
-    for x, y in batches("along attack", s.batch_size, s.progress):
+    mine: list[tuple[int, tuple[torch.Tensor, int]]] = []
+    for b, x, y in _batches(batches, ctx, "along attack", s.batch_size, s.progress):
         delta = _pgd(model, x, y, s.eps, s.along_steps) - x
+        batch_sums = torch.zeros(3, len(t), dtype=torch.float64)
         for k, tk in enumerate(s.along_t):
             loss, g, h = hessian_spectral_norm(_ce(model, y), x + tk * delta, s.along_iterations, init="gradient")
             c = normalized_curvature(h, g)
             totals = [loss.sum(), g.flatten(1).abs().sum(1).sum(), c[c.isfinite()].sum()]
-            sums[:, k] += torch.stack(totals).double().cpu()
-        n += len(y)
+            batch_sums[:, k] = torch.stack(totals).double().cpu()
+        mine.append((b, (batch_sums, len(y))))
+    sums = torch.zeros(3, len(t), dtype=torch.float64)
+    n = 0
+    for batch_sums, batch_n in _in_global_order(mine, ctx):
+        sums += batch_sums
+        n += batch_n
+    if not n:
+        raise _no_images()
     mean = sums / n
     summary = {"n": n, "attack": f"pgd-{s.along_steps}", "eps": s.eps, "power_iterations": s.along_iterations,
                "t": t.tolist(), "loss": mean[0].tolist(), "grad_l1": mean[1].tolist(), "curvature": mean[2].tolist()}
     return summary, {}
 
 
-def _pictures(model: nn.Module, batches: BatchSource, s: AnalysisSettings) -> tuple[dict, dict]:
-    """Figures 1, 3, 14: images, loss gradients, PGD-10 perturbations (resisted or not) and edges."""
-    x, y = next(batches("pictures", s.pictures, False))
-    _, _, g = loss_and_gradient(_ce(model, y), x)
-    x_adv = _pgd(model, x, y, s.eps, s.pgd_steps)
-    with torch.no_grad():
-        resisted = model(x_adv).argmax(1) == y
-    arrays = {"images": x.cpu(), "labels": y.cpu(), "gradients": g.cpu(), "perturbations": (x_adv - x).cpu(),
-              "resisted": resisted.cpu(), "edges": sobel_energy(x).cpu()}
-    return {"n": len(y), "resisted": resisted.tolist()}, arrays
+def _pictures(model: nn.Module, batches: BatchSource, s: AnalysisSettings, ctx: Context) -> tuple[dict, dict]:
+    """Figures 1, 3, 14: images, loss gradients, PGD-10 perturbations (resisted or not) and edges.
+
+    The first ``pictures`` images are global batch 0 of that size: rank 0 draws them and the others receive them."""
+    mine: list[tuple[int, dict[str, torch.Tensor]]] = []
+    if ctx.is_main:
+        first = next(batches("pictures", s.pictures, False), None)
+        if first is not None:
+            x, y = first
+            _, _, g = loss_and_gradient(_ce(model, y), x)
+            x_adv = _pgd(model, x, y, s.eps, s.pgd_steps)
+            with torch.no_grad():
+                resisted = model(x_adv).argmax(1) == y
+            mine.append((0, {"images": x.cpu(), "labels": y.cpu(), "gradients": g.cpu(),
+                             "perturbations": (x_adv - x).cpu(), "resisted": resisted.cpu(),
+                             "edges": sobel_energy(x).cpu()}))
+    merged = _in_global_order(mine, ctx)
+    if not merged:
+        raise _no_images()
+    arrays = merged[0]
+    return {"n": len(arrays["labels"]), "resisted": arrays["resisted"].tolist()}, arrays
 
 
-def analyze(model: nn.Module, batches: BatchSource, n: int, settings: AnalysisSettings
+def analyze(model: nn.Module, batches: BatchSource, n: int, settings: AnalysisSettings, ctx: Context | None = None
             ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the named analyses on the ``n`` images that ``batches`` yields (on the model's device).
+
+    Under torchrun, ``ctx`` is this process's :class:`~natgrad.engine.distributed.Context` and ``batches`` its
+    share of the global batches (:func:`~natgrad.engine.distributed.batch_source` with the same ``ctx``: its
+    ``k``-th batch is global batch ``rank + k * world``); every process must call this, and every process gets
+    the same result, that of one process on all ``n`` images. ``None``: one process.
 
     Returns ``(summary, arrays)``: the JSON sections and the per-image values.
     """
     s = settings
     device = next(model.parameters()).device
+    ctx = ctx or Context(0, 1, device)
     summary: dict[str, Any] = {"eps": s.eps, "n": n}
     arrays: dict[str, Any] = {}
     devices = [device] if device.type == "cuda" else []
     with eval_mode(model), frozen_parameters(model), torch.random.fork_rng(devices=devices):
         for name in s.analyses:
             if name == "gradients":
-                summary["gradients"], summary["channels"], arrays["gradients"] = _gradients(model, batches, s)
+                summary["gradients"], summary["channels"], arrays["gradients"] = _gradients(model, batches, s, ctx)
             else:
                 run = {"edges": _edges, "geometry": _geometry, "linearity": _linearity,
                        "along_attack": _along_attack, "pictures": _pictures}[name]
-                summary[name], arrays[name] = run(model, batches, s)
+                summary[name], arrays[name] = run(model, batches, s, ctx)
     return summary, arrays
 
 
