@@ -10,7 +10,9 @@ Variants, each on its own copy of the same weights:
   all-reduce, copied back (kept here only to compare against);
 - ``ddp``: natgrad's :func:`natgrad.engine.distributed.data_parallel` (buckets, gradients as bucket views);
 - ``ddp-copy``: DDP with ``gradient_as_bucket_view=False``;
-- ``ddp-static``: DDP with ``static_graph=True`` as well.
+- ``ddp-static``: DDP with ``static_graph=True`` as well. Timed only: with it, GradNorm's averaged gradients are
+  wrong (1.02-1.38x the norm of one process's, per parameter: scripts/ddp_static_graph_check.py), so
+  training does not use it.
 
 Each round times ``--steps`` steps of every variant and method (after one untimed step each); the rounds rotate
 the order. Rank 0 prints each median and its ratio to ``flat`` and writes them (and every round's seconds) as JSON.

@@ -54,6 +54,7 @@ def data_parallel(model: nn.Module, ctx: Context) -> nn.Module:
 
     ``find_unused_parameters`` stays off (every objective's loss reaches every parameter through its
     cross-entropy); gradients are views into DDP's buckets, which saves a copy of them per step.
+    ``static_graph`` stays off: with it, a double backward's averaged gradients come out wrong.
     """
     if ctx.world == 1:
         return model
