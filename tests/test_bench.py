@@ -12,15 +12,17 @@ from natgrad.engine import bench
 
 TINY = ["--batch", "4", "--steps", "3", "--warmup", "0", "--quiet"]
 
-# forward, backward, double backward per step; a backward that also runs through an earlier
-# backward's graph (double backprop) counts once as a backward and once as a double backward.
+# forward, backward, double backward, backward with weight gradients per step; a backward that also runs
+# through an earlier backward's graph (double backprop) counts once as a backward and once as a double backward.
 PASSES = {
-    "natural": (1, 1, 0),
-    "gradnorm": (1, 2, 1),
-    "gradnorm-fd": (2, 2, 0),
-    "pgd": (4, 4, 0),  # PGD-3: three attack steps, then the training step
-    "fgsm": (2, 2, 0),
-    "edge": (1, 2, 1),
+    "natural": (1, 1, 0, 1),
+    "gradnorm": (1, 2, 1, 1),  # the input gradient's backward takes no weight gradients
+    "gradnorm-fd": (2, 2, 0, 2),
+    "pgd": (4, 4, 0, 1),  # PGD-3: three attack steps (input gradients only), then the training step
+    # the authors' PGD-3: weight gradients at every attack step, one more forward to pick the strongest iterate
+    "pgd-paper": (5, 4, 0, 4),
+    "fgsm": (2, 2, 0, 1),
+    "edge": (1, 2, 1, 1),
 }
 
 
@@ -32,8 +34,9 @@ def result(tmp_path_factory):
 
 
 def test_passes_are_counted(result):
-    for method, (f, b, d) in PASSES.items():
-        assert result["methods"][method]["passes"] == {"forward": f, "backward": b, "double_backward": d}, method
+    for method, (f, b, d, w) in PASSES.items():
+        assert result["methods"][method]["passes"] == {"forward": f, "backward": b, "double_backward": d,
+                                                       "weight_gradients": w}, method
 
 
 def test_json_holds_the_contract(result):
@@ -46,13 +49,14 @@ def test_json_holds_the_contract(result):
         assert len(m["seconds_all"]) == 3 and all(s > 0 for s in m["seconds_all"])
         assert m["seconds_per_step"] == statistics.median(m["seconds_all"])
         assert m["relative_to_pgd"] == m["seconds_per_step"] / result["methods"]["pgd"]["seconds_per_step"]
+        assert m["relative_to_pgd_paper"] == m["seconds_per_step"] / result["methods"]["pgd-paper"]["seconds_per_step"]
         assert m["peak_memory_bytes"] is None or m["peak_memory_bytes"] >= 0
     assert result["methods"]["pgd"]["relative_to_pgd"] == 1.0
     flops = {name: m["flops"] for name, m in result["methods"].items()}
     for name, m in result["methods"].items():
         assert m["flops_relative_to_pgd"] == flops[name] / flops["pgd"]
     # natural F+B < FGSM 2F+2B < double backprop < PGD-3 4F+4B, on the same model and batch
-    assert 0 < flops["natural"] < flops["fgsm"] < flops["gradnorm"] < flops["pgd"]
+    assert 0 < flops["natural"] < flops["fgsm"] < flops["gradnorm"] < flops["pgd"] < flops["pgd-paper"]
 
 
 def test_flops_are_counted_against_the_formula():

@@ -185,3 +185,24 @@ def test_bad_direction_or_restarts_is_a_user_error():
         pgd(model, x, y, 0.1, steps=1, direction="l1")
     with pytest.raises(UserError, match="restarts"):
         pgd(model, x, y, 0.1, steps=1, restarts=0)
+
+
+def test_pgd_training_in_the_authors_form_attacks_as_keep_best_from_a_random_start():
+    """attack.form=code: the same images as natgrad's PGD with a random start and the strongest iterate; the
+    weight gradients it takes at each step are dropped, so the step's gradient is the loss's alone."""
+    from natgrad import config
+    from natgrad.build import build_objective
+    from natgrad.errors import UserError
+
+    torch.manual_seed(0)
+    model = models.create("cnn-small", 10, 1)
+    x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    objective = build_objective(config.load("fmnist-pgd", ["attack.form=code", "attack.warmup_epochs=0"]), model)
+    torch.manual_seed(1)
+    result = objective(x, y)
+    assert all(p.grad is None for p in model.parameters()), "the attack's weight gradients are not kept"
+    torch.manual_seed(1)
+    x_adv = pgd(model, x, y, 0.1, 3, step_size=2 * 0.1 / 3, random_start=True, keep_best=True)
+    torch.testing.assert_close(result["logits"], model(x_adv))
+    with pytest.raises(UserError, match="attack.form=code"):
+        config.load("fmnist-gradnorm", ["attack.form=code"])

@@ -87,7 +87,7 @@ def _attack_params(cfg: RunConfig) -> dict[str, Any]:
     params = {"eps": cfg.eps, "step_size": a.step_size, "warmup_epochs": a.warmup_epochs}
     if a.random_start is not None:
         params["random_start"] = a.random_start
-    return params if cfg.method == "fgsm" else {**params, "steps": a.steps}
+    return params if cfg.method == "fgsm" else {**params, "steps": a.steps, "form": a.form}
 
 
 _PARAMS = {

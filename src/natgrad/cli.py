@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input-size", type=int, help="image side in pixels (default the recipe's dataset's)")
     b.add_argument("--channels", type=int, help="image channels (default the recipe's dataset's)")
     b.add_argument("--batch", type=int, default=128, help="images per step (default 128)")
-    b.add_argument("--methods", default=",".join(config.METHODS),
-                   help=f"comma-separated, any of {','.join(config.METHODS)} (default all)")
+    b.add_argument("--methods", default=",".join(bench.METHODS),
+                   help=f"comma-separated, any of {','.join(bench.METHODS)} (default all)")
     b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     b.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per method first (default 2)")

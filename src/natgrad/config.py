@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from natgrad.choices import (
+    ATTACK_FORMS,
     BUILTIN_NETS,
     DATASETS,
     DEVICES,
@@ -133,6 +134,9 @@ class AttackConfig:
     step_size: float | None = None  # default: 2 * eps / steps for PGD, 1.25 * eps for FGSM
     random_start: bool | None = None  # start uniformly in the eps-ball; default: no for PGD, yes for FGSM
     warmup_epochs: float = 0.0  # attack step rises linearly 0 -> 1 over this many epochs
+    # PGD training: natgrad (input gradients only) or code, the authors' adv_generator: weight gradients at
+    # every step (their loss.backward()), a uniform start, the strongest iterate after one more forward
+    form: str = "natgrad"
 
 
 @dataclass
@@ -569,7 +573,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ON_NONFINITE, "aug.mixup_mode": MIXUP_MODES, "aug.remode": ERASE_MODES,
     "aug.interpolation": INTERPOLATIONS, "gradnorm.norm": GRADNORM_NORMS, "gradnorm.input_noise": INPUT_NOISES,
     "model.train_mode": TRAIN_MODES, "edge.form": EDGE_FORMS, "edge.student": EDGE_STUDENTS,
-    "edge.teacher": EDGE_TEACHERS, "edge.cosine": EDGE_COSINES,
+    "attack.form": ATTACK_FORMS, "edge.teacher": EDGE_TEACHERS, "edge.cosine": EDGE_COSINES,
 }
 
 
@@ -613,6 +617,9 @@ def validate(cfg: RunConfig) -> None:
     e = cfg.edge
     _require(e.weight_max is None or e.weight_max >= e.weight,
              f"edge.weight_max={e.weight_max} must be at least edge.weight={e.weight}")
+    _require(cfg.attack.form == "natgrad" or cfg.method == "pgd",
+             f"attack.form={cfg.attack.form} is PGD training's attack as the authors' code runs it; with "
+             f"method={cfg.method} use attack.form=natgrad")
     if e.form == "code":
         _check_edge_code_form(e, info(cfg.data).image_size)
     _require(cfg.data.root is None or Path(cfg.data.root).is_dir(),

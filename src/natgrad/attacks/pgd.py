@@ -87,6 +87,7 @@ def pgd(
     keep_best: bool = False,
     direction: str = "sign",
     restarts: int = 1,
+    param_grads: bool = False,
 ) -> torch.Tensor:
     """Maximize cross-entropy within the L-infinity ball of radius ``eps`` around ``x``, inside [0, 1].
 
@@ -108,6 +109,8 @@ def pgd(
         restarts: runs of the attack, each from a new random start, keeping per image the strongest
             result (as ``keep_best`` ranks them) of all runs. Without a random start every run would
             repeat the first, so one is made.
+        param_grads: also take the parameters' gradients at every step, and drop them: the work of an attack
+            that calls ``loss.backward()`` (the authors' training code), to train and time as it does.
 
     Returns:
         Adversarial images, detached, with ``|x_adv - x| <= eps`` and values in [0, 1].
@@ -125,6 +128,7 @@ def pgd(
     labels = _hard_labels(y)
     lo, hi = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
     strongest = _Strongest(labels) if keep_best or runs > 1 else None
+    params = [p for p in model.parameters() if p.requires_grad] if param_grads else []
     with eval_mode(model), torch.enable_grad():
         for _ in range(runs):
             x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0) if random_start else x.clone()
@@ -132,7 +136,7 @@ def pgd(
                 x_adv.requires_grad_(True)
                 logits = model(x_adv)
                 losses = per_sample_ce(logits, y)
-                (grad,) = torch.autograd.grad(losses.sum(), x_adv)
+                grad, *_ = torch.autograd.grad(losses.sum(), [x_adv, *params])
                 x_adv = x_adv.detach()
                 if keep_best and strongest is not None:
                     strongest.update(x_adv, logits.detach(), losses.detach())

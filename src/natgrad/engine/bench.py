@@ -37,7 +37,8 @@ from natgrad.config import RunConfig
 from natgrad.errors import UserError, did_you_mean
 from natgrad.progress import Progress
 
-METHODS = config.METHODS
+# Training's methods, and PGD training as the authors' code runs it (attack.form=code), as the paper timed it.
+METHODS = (*config.METHODS, "pgd-paper")
 RSS_INTERVAL_S = 0.0005
 
 
@@ -67,6 +68,7 @@ class PassCounts:
     forward: int = 0
     backward: int = 0
     double_backward: int = 0
+    weight_gradients: int = 0  # backward passes that compute the parameters' gradients (kept or not)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -113,9 +115,14 @@ def count_passes(model: nn.Module) -> Iterator[PassCounts]:
 
     A forward is a call of ``model``; a backward is a backward traversal that reaches its logits;
     a double backward is one that (also) runs back through the graph of an earlier backward, seen
-    where that earlier backward produced the input gradient with ``create_graph``.
+    where that earlier backward produced the input gradient with ``create_graph``; a backward computes
+    weight gradients where it computes the gradient of the first trainable parameter (the one nearest
+    the input, which every such backward reaches).
     """
     counts = PassCounts()
+
+    def weight_gradient(grad: torch.Tensor) -> None:
+        counts.weight_gradients += 1
 
     def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
         if args and isinstance(args[0], torch.Tensor):
@@ -126,7 +133,9 @@ def count_passes(model: nn.Module) -> Iterator[PassCounts]:
         counts.forward += 1
         return _CountBackward.apply(output, counts) if isinstance(output, torch.Tensor) else None
 
-    handles = [model.register_forward_pre_hook(pre_hook), model.register_forward_hook(hook)]
+    first = next(p for p in model.parameters() if p.requires_grad)
+    handles = [model.register_forward_pre_hook(pre_hook), model.register_forward_hook(hook),
+               first.register_hook(weight_gradient)]
     try:
         yield counts
     finally:
@@ -255,13 +264,20 @@ def steady_epoch_fraction(cfg: RunConfig) -> float:
     return float(max(cfg.gradnorm.warmup_epochs, cfg.attack.warmup_epochs, 0.0))
 
 
+def method_config(cfg: RunConfig, method: str) -> RunConfig:
+    """The training config of a bench method: ``pgd-paper`` is ``pgd`` with ``attack.form=code``."""
+    if method == "pgd-paper":
+        return dataclasses.replace(cfg, method="pgd", attack=dataclasses.replace(cfg.attack, form="code"))
+    return dataclasses.replace(cfg, method=method)
+
+
 def build_steps(cfg: RunConfig, methods: Sequence[str], model: nn.Module,
                 device: torch.device) -> dict[str, MethodStep]:
     """For each method a fresh copy of ``model`` with its optimizer and training objective, as training builds them."""
     steps = {}
     for method in methods:
         m = copy.deepcopy(model).to(device).train()
-        objective = build_objective(dataclasses.replace(cfg, method=method), m)
+        objective = build_objective(method_config(cfg, method), m)
         steps[method] = MethodStep(method, m, build_optimizer(cfg, m), objective, steady_epoch_fraction(cfg),
                                    amp=device.type == "cuda" and cfg.amp, clip_grad=cfg.optim.clip_grad)
     return steps
@@ -340,7 +356,7 @@ def run_bench(settings: BenchSettings) -> dict:
                 seconds[name].append(t)
 
     medians = {name: statistics.median(s) for name, s in seconds.items()}
-    pgd = medians.get("pgd")
+    pgd, paper = medians.get("pgd"), medians.get("pgd-paper")
     return {
         "model": cfg.model.name, "act": cfg.model.act, "input_size": size, "channels": channels,
         "batch": settings.batch, "device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -350,31 +366,34 @@ def run_bench(settings: BenchSettings) -> dict:
         "methods": {name: {
             "seconds_per_step": medians[name], "seconds_all": seconds[name], "passes": passes[name],
             "peak_memory_bytes": memory[name], "relative_to_pgd": None if pgd is None else medians[name] / pgd,
+            "relative_to_pgd_paper": None if paper is None else medians[name] / paper,
             "flops": flops[name], "flops_relative_to_pgd": None if "pgd" not in flops else flops[name] / flops["pgd"],
         } for name in methods},
     }
 
 
 def format_bench(result: dict) -> str:
-    """The result as a terminal table: method, s/step, ratio to PGD-k, passes, conv/matmul work, peak memory."""
+    """The result as a terminal table: method, s/step, ratio to PGD-k and to the paper's PGD-k, passes, conv/matmul
+    work, peak memory."""
     pgd_label = f"PGD-{result['pgd_steps']}"
-    header = ("method", "s/step", f"vs {pgd_label}", "passes", "GFLOP", f"vs {pgd_label}", "peak MB")
+    header = ("method", "s/step", f"vs {pgd_label}", "vs pgd-paper", "passes", "GFLOP", f"vs {pgd_label}", "peak MB")
     rows = [header]
     for name, m in result["methods"].items():
         p = m["passes"]
-        double = f" ({p['double_backward']} double)" if p["double_backward"] else ""
-        passes = f"{p['forward']}F+{p['backward']}B{double}"
+        double = f", {p['double_backward']} double" if p["double_backward"] else ""
+        passes = f"{p['forward']}F+{p['backward']}B ({p['weight_gradients']} with weights{double})"
         rows.append((
             f"{name} ({pgd_label})" if name == "pgd" else name,
             f"{m['seconds_per_step']:.4f}",
             "-" if m["relative_to_pgd"] is None else f"{m['relative_to_pgd']:.3f}",
+            "-" if m.get("relative_to_pgd_paper") is None else f"{m['relative_to_pgd_paper']:.3f}",
             passes,
             f"{m['flops'] / 1e9:.2f}",
             "-" if m["flops_relative_to_pgd"] is None else f"{m['flops_relative_to_pgd']:.3f}",
             "-" if m["peak_memory_bytes"] is None else f"{m['peak_memory_bytes'] / 2**20:.1f}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w)
+    lines = ["  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     title = (f"{result['model']} ({result['act'] or 'own activation'}), {result['channels']}x{result['input_size']}x"
              f"{result['input_size']}, batch {result['batch']}, {result['device']}, {result['threads']} threads, "
