@@ -107,7 +107,7 @@ def objective_params(cfg: RunConfig) -> dict[str, Any]:
 
 def build_objective(cfg: RunConfig, model: nn.Module) -> objectives.Objective:
     """The configured training objective on ``model``."""
-    return objectives.create(cfg.method, model, **objective_params(cfg))
+    return objectives.create(cfg.method, model, compile=cfg.compile, **objective_params(cfg))
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:

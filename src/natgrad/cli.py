@@ -176,7 +176,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     settings = bench.BenchSettings(
         recipe=args.recipe, overrides=args.overrides, model=args.model, act=args.act, input_size=args.input_size,
         channels=args.channels, batch=args.batch, methods=bench.parse_methods(args.methods), device=args.device,
-        steps=args.steps, warmup=args.warmup, progress=not args.quiet)
+        steps=args.steps, warmup=args.warmup, compile=args.compile, progress=not args.quiet)
     result = bench.run_bench(settings)
     print(bench.format_bench(result))
     if args.json:
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default=",".join(bench.METHODS),
                    help=f"comma-separated, any of {','.join(bench.METHODS)} (default all)")
     b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    b.add_argument("--compile", action="store_true", help="every method through torch.compile (compile=true)")
     b.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per method first (default 2)")
     b.add_argument("--json", metavar="FILE", help="also write the results here")

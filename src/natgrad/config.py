@@ -183,6 +183,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast (CUDA only)
+    compile: bool = False  # torch.compile: the loss with its input gradient (gradnorm, edge), else the model
     ema: bool = False
     ema_decay: float = 0.9998
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)

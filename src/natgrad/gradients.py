@@ -70,3 +70,19 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, cr
 
     _, out, grad = loss_and_gradient(values, x, create_graph, math_kernel=create_graph)
     return logits[0], out, grad
+
+
+def func_input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+                        output: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and per-image input gradients of ``output(logits)`` (default the cross-entropy with ``y``) by
+    ``torch.func.grad``: both stay differentiable with respect to the parameters, and ``torch.compile`` traces
+    it (it does not trace ``torch.autograd.grad``). The math attention kernel, as for double backprop."""
+    def total(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(z)
+        values = output(logits) if output is not None else per_sample_ce(logits, cast(torch.Tensor, y))
+        return values.sum(), logits
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        grad, logits = torch.func.grad(total, has_aux=True)(x.detach())
+    return logits, grad

@@ -57,6 +57,7 @@ class BenchSettings:
     device: str = "auto"  # auto | cpu | cuda
     steps: int = 10
     warmup: int = 2
+    compile: bool = False  # every method through torch.compile (config key ``compile``)
     progress: bool = True
 
 
@@ -244,6 +245,8 @@ def bench_config(settings: BenchSettings) -> RunConfig:
         flags += [f"model.name={settings.model}", "model.act=null"]  # another model keeps its own activation
     if settings.act is not None:
         flags.append(f"model.act={settings.act}")
+    if settings.compile:
+        flags.append("compile=true")
     return config.load(settings.recipe, [*flags, *settings.overrides])
 
 
@@ -362,7 +365,7 @@ def run_bench(settings: BenchSettings) -> dict:
         "batch": settings.batch, "device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "steps": settings.steps,
         "warmup": settings.warmup, "recipe": settings.recipe, "eps": cfg.eps, "pgd_steps": cfg.attack.steps,
-        "amp": device.type == "cuda" and cfg.amp,
+        "amp": device.type == "cuda" and cfg.amp, "compile": cfg.compile,
         "methods": {name: {
             "seconds_per_step": medians[name], "seconds_all": seconds[name], "passes": passes[name],
             "peak_memory_bytes": memory[name], "relative_to_pgd": None if pgd is None else medians[name] / pgd,
@@ -397,7 +400,7 @@ def format_bench(result: dict) -> str:
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     title = (f"{result['model']} ({result['act'] or 'own activation'}), {result['channels']}x{result['input_size']}x"
              f"{result['input_size']}, batch {result['batch']}, {result['device']}, {result['threads']} threads, "
-             f"median of {result['steps']} steps")
+             f"median of {result['steps']} steps" + (", compiled" if result.get("compile") else ""))
     return "\n".join([title, *lines])
 
 

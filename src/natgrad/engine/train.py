@@ -250,6 +250,9 @@ def _checked_setup(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> t
         torch.set_flush_denormal(True)
     _check_split(cfg, ctx.world)
     _check_sync_bn(cfg, ctx)
+    if cfg.compile and ctx.world > 1:
+        raise UserError("compile=true runs in one process for now (DistributedDataParallel around a compiled "
+                        "input gradient is untested); drop compile=true under torchrun")
     _check_out_dir(out, resume, cfg)  # on every process, so that all stop together on bad input
     barrier(ctx.world)  # before rank 0 starts writing into ``out``
     return cfg, ctx

@@ -29,14 +29,18 @@ REGISTRY: dict[str, Callable[..., Objective]] = {
 }
 
 
-def create(name: str, model: nn.Module, **params: Any) -> Objective:
-    """Build the objective ``name`` for ``model`` with its parameters (e.g. ``eps``, ``gn_weight``)."""
+def create(name: str, model: nn.Module, compile: bool = False, **params: Any) -> Objective:
+    """Build the objective ``name`` for ``model`` with its parameters (e.g. ``eps``, ``gn_weight``); ``compile``:
+    through ``torch.compile`` (:meth:`Objective.compile`)."""
     if name not in REGISTRY:
         raise UserError(f"unknown objective {name!r}{did_you_mean(name, REGISTRY)}; choose from {', '.join(REGISTRY)}")
     try:
-        return REGISTRY[name](model, **params)
+        objective = REGISTRY[name](model, **params)
     except TypeError as e:
         raise UserError(f"objective {name}: {e}") from None
+    if compile:
+        objective.compile()
+    return objective
 
 
 __all__ = [

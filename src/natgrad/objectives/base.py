@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -22,6 +24,11 @@ class Objective:
     def __init__(self, model: nn.Module):
         self.model = model
         self.loss_model: nn.Module = model
+
+    def compile(self) -> None:
+        """Run through ``torch.compile``: here the model (attacks and loss alike); objectives that take an input
+        gradient compile their loss instead, with the gradient formed inside it."""
+        self.model = self.loss_model = cast(nn.Module, torch.compile(self.model))
 
     def distribute(self, wrapped: nn.Module) -> None:
         """Take the loss's forward through ``wrapped``, a module around ``model`` whose backward averages the

@@ -21,7 +21,7 @@ from torch import nn
 from natgrad.attacks import pgd
 from natgrad.choices import InputNoise, PenaltyNorm
 from natgrad.errors import UserError
-from natgrad.gradients import input_gradient
+from natgrad.gradients import func_input_gradient, input_gradient
 from natgrad.losses import per_sample_ce
 from natgrad.objectives.base import Objective, linear_warmup
 
@@ -70,12 +70,24 @@ class GradNorm(Objective):
     def weight(self, epoch_fraction: float) -> float:
         return self.gn_weight * linear_warmup(epoch_fraction, self.warmup_epochs)
 
+    def terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, mean cross-entropy and mean penalty at ``x``, by double backprop."""
+        logits, ce, grad = input_gradient(self.loss_model, x, y, create_graph=True)
+        return logits, ce.mean(), self.penalty(grad).mean()
+
+    def compiled_terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`terms` with the input gradient by ``torch.func.grad``, which ``torch.compile`` traces into one
+        graph: the double backward becomes that graph's ordinary backward."""
+        logits, grad = func_input_gradient(self.loss_model, x, y)
+        return logits, per_sample_ce(logits, y).mean(), self.penalty(grad).mean()
+
+    def compile(self) -> None:
+        self.terms = torch.compile(self.compiled_terms)  # type: ignore[method-assign]
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
         x = self.perturb(x, y)
-        logits, ce, grad = input_gradient(self.loss_model, x, y, create_graph=True)
-        reg = self.penalty(grad).mean()
-        weight = self.weight(epoch_fraction)
-        ce = ce.mean()
+        logits, ce, reg = self.terms(x, y)
+        weight = self.weight(epoch_fraction)  # outside the compiled graph: a changing float would recompile it
         loss = self.ce_weight * ce + weight * reg
         return {"loss": loss, "logits": logits, "ce": ce.item(), "reg": reg.item(), "gn_weight": weight}
 
@@ -102,6 +114,8 @@ class GradNormFD(GradNorm):
     masks in both passes; BatchNorm in train mode sees (and counts in its running statistics) both
     batches.
     """
+
+    compile = Objective.compile  # the model: no input gradient's graph to compile
 
     def __init__(self, model: nn.Module, eps: float, fd_step: float | None = None, **gradnorm_params):
         super().__init__(model, eps, **gradnorm_params)
