@@ -40,10 +40,10 @@ from natgrad.analysis.geometry import (
 )
 from natgrad.attacks import paper_step_size, pgd
 from natgrad.choices import ANALYSES, Analysis
-from natgrad.engine.distributed import Context, global_batch_index
 from natgrad.errors import UserError, did_you_mean
 from natgrad.files import TEMP_PREFIX
 from natgrad.gradients import LossFn, eval_mode, frozen_parameters, loss_and_gradient
+from natgrad.processes import Context, global_batch_index
 from natgrad.runfiles import ANALYSIS_JSON
 
 BatchSource = Callable[[str, int, bool], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -272,7 +272,7 @@ def analyze(model: nn.Module, batches: BatchSource, n: int, settings: AnalysisSe
             ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the named analyses on the ``n`` images that ``batches`` yields (on the model's device).
 
-    Under torchrun, ``ctx`` is this process's :class:`~natgrad.engine.distributed.Context` and ``batches`` its
+    Under torchrun, ``ctx`` is this process's :class:`~natgrad.processes.Context` and ``batches`` its
     share of the global batches (:func:`~natgrad.engine.distributed.batch_source` with the same ``ctx``: its
     ``k``-th batch is global batch ``rank + k * world``); every process must call this, and every process gets
     the same result, that of one process on all ``n`` images. ``None``: one process.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,18 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from natgrad.build import select_device
+from natgrad.processes import Context, global_batch_index
 from natgrad.progress import Progress
-
-
-@dataclass(frozen=True)
-class Context:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def setup(device: str = "auto") -> Context:
@@ -110,11 +99,6 @@ def shard_batches(ds: Dataset, batch_size: int, ctx: Context, seed: int, desc: s
     for k, (x, y) in enumerate(Progress(loader, desc=desc, leave=False, disable=not (progress and ctx.is_main))):
         torch.manual_seed(seed + global_batch_index(ctx, k))
         yield x.to(ctx.device), y.to(ctx.device)
-
-
-def global_batch_index(ctx: Context, k: int) -> int:
-    """The global index of this process's ``k``-th batch of :func:`shard_batches`."""
-    return ctx.rank + k * ctx.world
 
 
 def merge_counts(counts: torch.Tensor, ctx: Context) -> torch.Tensor:
