@@ -72,3 +72,16 @@ def test_compiled_models_equal_eager(aot_eager, name):
 def test_inductor_equals_eager(name):
     torch._dynamo.reset()
     _compare(name, "cnn-small")
+
+
+def test_bench_compiled_counts_the_eager_passes(aot_eager):
+    from natgrad.engine import bench
+
+    settings = bench.BenchSettings(methods=["gradnorm", "pgd-paper"], batch=2, steps=1, warmup=0, progress=False)
+    eager = bench.run_bench(settings)
+    compiled = bench.run_bench(bench.BenchSettings(**{**settings.__dict__, "compile": True}))
+    assert compiled["compile"] is True and eager["compile"] is False
+    for name in ("gradnorm", "pgd-paper"):
+        assert compiled["methods"][name]["passes"] == eager["methods"][name]["passes"]
+        assert compiled["methods"][name]["flops"] == eager["methods"][name]["flops"]
+    assert "compiled" in bench.format_bench(compiled)
