@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from natgrad import models, objectives
+from natgrad.errors import UserError
 
 CASES = {
     "gradnorm": {"eps": 0.1},
@@ -85,3 +86,13 @@ def test_bench_compiled_counts_the_eager_passes(aot_eager):
         assert compiled["methods"][name]["passes"] == eager["methods"][name]["passes"]
         assert compiled["methods"][name]["flops"] == eager["methods"][name]["flops"]
     assert "compiled" in bench.format_bench(compiled)
+
+
+@pytest.mark.parametrize("method", ["gradnorm", "edge"])
+def test_compiled_input_gradient_refuses_train_mode_batchnorm(aot_eager, method):
+    model = models.create("resnet10t", 10, 3, train_mode="train")
+    objective = objectives.create(method, model, compile=True, **CASES[method])
+    with pytest.raises(UserError, match=r"train-mode BatchNorm; use model.train_mode=eval"):
+        objective(torch.rand(2, 3, 32, 32), torch.randint(0, 10, (2,)))
+    frozen = models.create("resnet10t", 10, 3, train_mode="train", bn_eval=True)
+    objectives.create(method, frozen, compile=True, **CASES[method])(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))

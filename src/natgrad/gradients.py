@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from natgrad.errors import UserError
 from natgrad.losses import per_sample_ce
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # images -> one value per image
@@ -86,3 +87,22 @@ def func_input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | Non
     with sdpa_kernel([SDPBackend.MATH]):
         grad, logits = torch.func.grad(total, has_aux=True)(x.detach())
     return logits, grad
+
+
+Terms = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def compiled_with_input_gradient(terms: Terms, model: nn.Module, method: str) -> Terms:
+    """``torch.compile(terms)`` for ``terms`` that call :func:`func_input_gradient` on ``model``, refusing on each
+    call while ``model`` has BatchNorm in training mode: ``torch.func.grad`` cannot update running statistics."""
+    compiled = torch.compile(terms)
+
+    def checked(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+               for m in model.modules()):
+            raise UserError(f"compile=true: {method}'s input gradient is taken by torch.func.grad, which cannot "
+                            "update the running statistics of train-mode BatchNorm; use model.train_mode=eval "
+                            "(the paper's setting) or model.bn_eval=true, or compile=false")
+        return compiled(x, y)
+
+    return checked

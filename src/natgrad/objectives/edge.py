@@ -28,7 +28,7 @@ from torch import nn
 
 from natgrad.analysis.edges import contour_energy, edge_map
 from natgrad.choices import EdgeCosine, EdgeForm, EdgeStudent, EdgeTeacher
-from natgrad.gradients import func_input_gradient, input_gradient
+from natgrad.gradients import compiled_with_input_gradient, func_input_gradient, input_gradient
 from natgrad.losses import per_sample_ce
 from natgrad.models import Normalize
 from natgrad.objectives.base import Objective
@@ -125,7 +125,7 @@ class EdgeRegularization(Objective):
         return logits, per_sample_ce(logits, y).mean(), self._edge(x, student)
 
     def compile(self) -> None:
-        self.terms = torch.compile(self.compiled_terms)  # type: ignore[method-assign]
+        self.terms = compiled_with_input_gradient(self.compiled_terms, self.model, "edge")  # type: ignore[method-assign]
 
     def _edge(self, x: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         return self._code_edge(x, student) if self.form == "code" else self._paper_edge(x, student)

@@ -21,7 +21,7 @@ from torch import nn
 from natgrad.attacks import pgd
 from natgrad.choices import InputNoise, PenaltyNorm
 from natgrad.errors import UserError
-from natgrad.gradients import func_input_gradient, input_gradient
+from natgrad.gradients import compiled_with_input_gradient, func_input_gradient, input_gradient
 from natgrad.losses import per_sample_ce
 from natgrad.objectives.base import Objective, linear_warmup
 
@@ -82,7 +82,7 @@ class GradNorm(Objective):
         return logits, per_sample_ce(logits, y).mean(), self.penalty(grad).mean()
 
     def compile(self) -> None:
-        self.terms = torch.compile(self.compiled_terms)  # type: ignore[method-assign]
+        self.terms = compiled_with_input_gradient(self.compiled_terms, self.model, "gradnorm")  # type: ignore[method-assign]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
         x = self.perturb(x, y)
