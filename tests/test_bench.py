@@ -23,6 +23,8 @@ PASSES = {
     "pgd-paper": (5, 4, 0, 4),
     "fgsm": (2, 2, 0, 1),
     "edge": (1, 2, 1, 1),
+    "gradnorm-fd-amp": (2, 2, 0, 2),
+    "gradnorm-fd-central": (3, 3, 0, 2),  # the pass at x takes the input gradient only
 }
 
 

@@ -31,6 +31,8 @@ OBJECTIVES = {
     # Adam divides by the gradient's scale and so magnifies the finite difference's float rounding (about 1e-4
     # relative, which depends on the micro-batch): plain SGD keeps the comparison at float tolerance.
     "gradnorm-fd": ["fmnist-gradnorm-fd", "optim.name=sgd", "lr=0.1", "optim.weight_decay=0"],
+    "gradnorm-fd-central": ["fmnist-gradnorm-fd", "gradnorm.fd_scheme=central", "optim.name=sgd", "lr=0.1",
+                            "optim.weight_decay=0"],
     "gradnorm-pgd-input": ["fmnist-gradnorm", "gradnorm.input_noise=pgd", "attack.random_start=false"],
     "pgd": ["fmnist-pgd"],
     "fgsm": ["fmnist-fgsm", "attack.random_start=false"],

@@ -79,7 +79,8 @@ def _gradnorm_params(cfg: RunConfig) -> dict[str, Any]:
               "norm": g.norm, "channel_weights": g.channel_weights, "input_noise": g.input_noise,
               "noise_std": g.noise_std, "attack_steps": a.steps, "attack_step_size": a.step_size,
               "attack_random_start": a.random_start}
-    return params if cfg.method == "gradnorm" else {**params, "fd_step": g.fd_step}
+    return params if cfg.method == "gradnorm" else {**params, "fd_step": g.fd_step, "fd_scheme": g.fd_scheme,
+                                                  "fd_precision": g.fd_precision}
 
 
 def _attack_params(cfg: RunConfig) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from natgrad.choices import (
     EDGE_STUDENTS,
     EDGE_TEACHERS,
     ERASE_MODES,
+    FD_PRECISIONS,
+    FD_SCHEMES,
     GRADNORM_NORMS,
     INPUT_NOISES,
     INTERPOLATIONS,
@@ -121,7 +123,9 @@ class GradNormConfig:
     input_noise: str = "none"  # none | gaussian | uniform | pgd: take the loss at a perturbed input (Table 8)
     noise_std: float | None = None  # gaussian noise std in pixel units (default eps)
     eps: float | None = None  # the penalty's eps (default the run's eps; the authors' CIFAR-10 code: 4/255 at 8/255)
-    fd_step: float | None = None  # gradnorm-fd: finite-difference step h in pixel units (default eps / 32)
+    fd_step: float | None = None  # gradnorm-fd: finite-difference step h in pixels (default: GradNormFD's table)
+    fd_scheme: str = "forward"  # gradnorm-fd: forward (2 forward + 2 backward passes) or central (3 + 3)
+    fd_precision: str = "float32"  # gradnorm-fd's passes: float32 even under amp, or autocast (bf16 under amp)
 
 
 @dataclass
@@ -573,6 +577,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "data.name": DATASETS, "device": DEVICES, "optim.sched": SCHEDULES,
     "on_nonfinite": ON_NONFINITE, "aug.mixup_mode": MIXUP_MODES, "aug.remode": ERASE_MODES,
     "aug.interpolation": INTERPOLATIONS, "gradnorm.norm": GRADNORM_NORMS, "gradnorm.input_noise": INPUT_NOISES,
+    "gradnorm.fd_scheme": FD_SCHEMES, "gradnorm.fd_precision": FD_PRECISIONS,
     "model.train_mode": TRAIN_MODES, "edge.form": EDGE_FORMS, "edge.student": EDGE_STUDENTS,
     "attack.form": ATTACK_FORMS, "edge.teacher": EDGE_TEACHERS, "edge.cosine": EDGE_COSINES,
 }

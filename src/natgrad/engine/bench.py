@@ -38,7 +38,14 @@ from natgrad.errors import UserError, did_you_mean
 from natgrad.progress import Progress
 
 # Training's methods, and PGD training as the authors' code runs it (attack.form=code), as the paper timed it.
-METHODS = (*config.METHODS, "pgd-paper")
+METHODS = (*config.METHODS, "pgd-paper", "gradnorm-fd-amp", "gradnorm-fd-central")
+# the bench methods that are a training method with other settings: method, the settings (section, key, value)
+VARIANTS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "pgd-paper": ("pgd", [("attack", "form", "code")]),  # the authors' PGD training attack
+    "gradnorm-fd-amp": ("gradnorm-fd", [("gradnorm", "fd_precision", "autocast")]),  # bf16 under amp
+    "gradnorm-fd-central": ("gradnorm-fd", [("gradnorm", "fd_scheme", "central"),
+                                            ("gradnorm", "fd_precision", "autocast")]),
+}
 RSS_INTERVAL_S = 0.0005
 
 
@@ -268,10 +275,13 @@ def steady_epoch_fraction(cfg: RunConfig) -> float:
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:
-    """The training config of a bench method: ``pgd-paper`` is ``pgd`` with ``attack.form=code``."""
-    if method == "pgd-paper":
-        return dataclasses.replace(cfg, method="pgd", attack=dataclasses.replace(cfg.attack, form="code"))
-    return dataclasses.replace(cfg, method=method)
+    """The training config of a bench method: a training method itself, or one of :data:`VARIANTS`."""
+    if method not in VARIANTS:
+        return dataclasses.replace(cfg, method=method)
+    base, settings = VARIANTS[method]
+    for section, key, value in settings:
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: value})})
+    return dataclasses.replace(cfg, method=base)
 
 
 def build_steps(cfg: RunConfig, methods: Sequence[str], model: nn.Module,

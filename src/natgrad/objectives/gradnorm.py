@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from natgrad.attacks import pgd
-from natgrad.choices import InputNoise, PenaltyNorm
+from natgrad.choices import FDPrecision, FDScheme, InputNoise, PenaltyNorm
 from natgrad.errors import UserError
 from natgrad.gradients import compiled_with_input_gradient, func_input_gradient, input_gradient
 from natgrad.losses import per_sample_ce
@@ -92,38 +92,55 @@ class GradNorm(Objective):
         return {"loss": loss, "logits": logits, "ce": ce.item(), "reg": reg.item(), "gn_weight": weight}
 
 
+# gradnorm-fd's default step, penalty_eps / divisor: as large as its error allows in float32, and in bf16 the
+# step whose error was smallest (measured: scripts/fd_error.py)
+FD_STEP_DIVISORS: dict[tuple[FDScheme, FDPrecision], int] = {
+    ("forward", "float32"): 32, ("central", "float32"): 8, ("forward", "autocast"): 2, ("central", "autocast"): 2,
+}
+
+
 class GradNormFD(GradNorm):
     """The same objective, its parameter gradient estimated by a finite difference: no double backprop.
 
     With ``d_i = d penalty_i / d g_i`` held fixed (``eps * sign(g_i)`` for L1), the penalty's
-    parameter gradient is the derivative of ``grad_theta L_i`` along ``d_i``, which
+    parameter gradient is the derivative of ``grad_theta L_i`` along ``d_i``, with
+    ``t = fd_step / max_i ||d_i||_inf`` (every image moves by at most ``fd_step`` per pixel):
 
-        (grad_theta L_i(x_i + t d_i) - grad_theta L_i(x_i)) / t,    t = fd_step / max_i ||d_i||_inf,
+    - ``forward`` (default): ``(grad_theta L_i(x_i + t d_i) - grad_theta L_i(x_i)) / t``, error of order ``t``
+      (the loss's third derivatives); two forward and two backward passes.
+    - ``central``: ``(grad_theta L_i(x_i + t d_i) - grad_theta L_i(x_i - t d_i)) / 2t``, error of order ``t^2``.
+      The cross-entropy's gradient is the two points' mean (also ``O(t^2)`` from the gradient at ``x``), so
+      the pass at ``x`` takes the input gradient only: three forward and three backward passes, one of them
+      without weight gradients.
 
-    approximates with an error of order ``t`` (the loss's third derivatives); every image moves
-    by at most ``fd_step`` per pixel (default ``eps / 32``). The error grows with the model's
-    curvature: small for smooth (GradNorm-trained or freshly initialized) models, large for a
-    naturally trained one unless ``fd_step`` is small (docs/RESULTS.md). The second point is not
-    clipped to [0, 1]: it probes the function, it is not an image.
+    ``fd_precision``: ``float32`` runs the passes in float32 even under autocast, since at bf16's
+    resolution (about 0.004 near 1) a small step is lost in rounding; ``autocast`` keeps the caller's
+    autocast (bf16's speed) and needs a step large enough to survive its rounding. The default step is
+    ``penalty_eps`` divided by ``FD_STEP_DIVISORS[(scheme, precision)]`` (docs/RESULTS.md, issue 19, has
+    the measured errors).
 
-    The first pass runs on the unwrapped model (its parameter gradients are taken, not accumulated), the
-    second through ``loss_model``. One step costs two forward and two backward passes, runs with any
-    attention kernel, and keeps
-    one graph at a time. Both passes run in float32 even under autocast: at bf16's resolution
-    (about 0.004 near 1) a small step is lost in rounding. Dropout and drop-path draw the same
-    masks in both passes; BatchNorm in train mode sees (and counts in its running statistics) both
-    batches.
+    The error grows with the model's curvature: small for smooth (GradNorm-trained or freshly initialized)
+    models, large for a naturally trained one unless ``fd_step`` is small (docs/RESULTS.md). The shifted
+    points are not clipped to [0, 1]: they probe the function, they are not images. Passes but the last run
+    on the unwrapped model, the last through ``loss_model``; one graph is kept at a time and any attention
+    kernel works. Dropout and drop-path draw the same masks in every pass; BatchNorm in train mode sees (and
+    counts in its running statistics) every pass's batch.
     """
 
     compile = Objective.compile  # the model: no input gradient's graph to compile
 
-    def __init__(self, model: nn.Module, eps: float, fd_step: float | None = None, **gradnorm_params):
+    def __init__(self, model: nn.Module, eps: float, fd_step: float | None = None, fd_scheme: FDScheme = "forward",
+                 fd_precision: FDPrecision = "float32", **gradnorm_params):
         super().__init__(model, eps, **gradnorm_params)
-        self.fd_step = self.penalty_eps / 32 if fd_step is None else fd_step
+        self.fd_scheme, self.fd_precision = fd_scheme, fd_precision
+        divisor = FD_STEP_DIVISORS[(fd_scheme, fd_precision)]
+        self.fd_step = self.penalty_eps / divisor if fd_step is None else fd_step
         if self.fd_step <= 0:
             raise UserError(f"fd_step={self.fd_step} must be positive (a finite-difference step in pixel units)")
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
+        if self.fd_precision == "autocast":
+            return self._step(x, y, epoch_fraction)
         with torch.autocast(x.device.type, enabled=False):
             return self._step(x, y, epoch_fraction)
 
@@ -134,7 +151,8 @@ class GradNormFD(GradNorm):
         x1 = x.clone().requires_grad_(True)
         logits = self.model(x1)
         ce = per_sample_ce(logits, y)
-        grad, *param_grads = torch.autograd.grad(ce.sum(), [x1, *params], allow_unused=True)
+        forward = self.fd_scheme == "forward"  # which takes grad_theta L(x) here; central does not need it
+        grad, *param_grads = torch.autograd.grad(ce.sum(), [x1, *params] if forward else [x1], allow_unused=True)
         with torch.enable_grad():
             g = grad.detach().float().requires_grad_(True)
             penalty = self.penalty(g)
@@ -144,19 +162,32 @@ class GradNormFD(GradNorm):
         n = len(x)
         mean_ce = ce.detach().mean()
         value = self.ce_weight * mean_ce + weight * reg
-        coef_x: float | torch.Tensor = self.ce_weight / n  # on grad_theta sum_i L_i(x), already computed
-        surrogate = torch.zeros((), device=x.device)
-        # Under DDP the backward must follow a forward of the wrapped module, even when the penalty is off.
-        if weight > 0 or self.loss_model is not self.model:
-            t = self.fd_step / direction.abs().amax().clamp_min(1e-30)
-            coef_x = coef_x - weight / (n * t)
-            _set_rng_state(x.device, rng)  # the same dropout masks as the first pass
-            x2 = (x + t * direction).to(x.dtype)
-            surrogate = per_sample_ce(self.loss_model(x2), y).sum() * (weight / (n * t))
-        # a term linear in the parameters whose gradient is coef_x * grad_theta sum_i L_i(x)
+        t = self.fd_step / direction.abs().amax().clamp_min(1e-30)
+        step = t * direction
+
+        def last_pass(shifted: torch.Tensor, coef: float | torch.Tensor) -> torch.Tensor:
+            """``coef * sum_i L_i(shifted)`` through ``loss_model``, with the first pass's dropout masks."""
+            _set_rng_state(x.device, rng)
+            return per_sample_ce(self.loss_model(shifted.to(x.dtype)), y).sum() * coef
+
+        if forward:
+            coef: float | torch.Tensor = self.ce_weight / n  # on grad_theta sum_i L_i(x), already computed
+            surrogate = torch.zeros((), device=x.device)
+            # Under DDP the backward must follow a forward of the wrapped module, even when the penalty is off.
+            if weight > 0 or self.loss_model is not self.model:
+                coef = coef - weight / (n * t)
+                surrogate = last_pass(x + step, weight / (n * t))
+        else:
+            _set_rng_state(x.device, rng)
+            plus = per_sample_ce(self.model((x + step).to(x.dtype)), y).sum()
+            param_grads = list(torch.autograd.grad(plus, params, allow_unused=True))
+            half_ce, half_fd = self.ce_weight / (2 * n), weight / (2 * n * t)
+            coef = half_ce + half_fd  # on grad_theta sum_i L_i(x + t d)
+            surrogate = last_pass(x - step, half_ce - half_fd)
+        # a term linear in the parameters whose gradient is coef * the parameter gradients computed above
         for p, pg in zip(params, param_grads):
             if pg is not None:
-                surrogate = surrogate + (p * (pg * coef_x).to(p.dtype)).sum()
+                surrogate = surrogate + (p * (pg * coef).to(p.dtype)).sum()
         loss = surrogate - surrogate.detach() + value
         return {"loss": loss, "logits": logits.detach(), "ce": mean_ce.item(), "reg": reg.item(), "gn_weight": weight}
 
