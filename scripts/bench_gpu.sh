@@ -18,7 +18,7 @@ for batch in 32 64; do
 done
 for batch in 32 64; do
     natgrad bench --recipe imagenet-swinb-gradnorm --device cuda --input-size 224 --batch "$batch" \
-        --methods gradnorm,gradnorm-fd,pgd,pgd-paper --compile \
+        --methods gradnorm,gradnorm-fd,gradnorm-fd-amp,gradnorm-fd-central,pgd,pgd-paper --compile \
         --steps 10 --warmup 3 --quiet --json "$out/swin-b-batch$batch-compiled.json" || status=1
 done
 exit $status

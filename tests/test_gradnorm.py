@@ -321,7 +321,7 @@ def test_central_fd_under_bf16_autocast_stays_within_tolerance_where_forward_kee
     forward = objectives.create("gradnorm-fd", model, eps=0.1)
     torch.testing.assert_close(bf16(forward), _param_grad(model, forward, x, y), rtol=0, atol=0)
     assert _penalty_error(model, bf16(objectives.create("gradnorm", model, eps=0.1)), exact, x, y) < 0.15
-    for scheme in ("forward", "central"):  # measured 0.063 and 0.051; exact GradNorm in bf16: 0.045
+    for scheme in ("forward", "central"):  # measured 0.083 and 0.051; exact GradNorm in bf16: 0.045
         autocast = objectives.create("gradnorm-fd", model, eps=0.1, fd_scheme=scheme, fd_precision="autocast")
         in_bf16 = bf16(autocast)
         assert _penalty_error(model, in_bf16, exact, x, y) < 0.15, scheme
