@@ -196,12 +196,17 @@ class _Counter:
         self.backward += 1
 
 
-def test_fd_gradient_matches_double_backprop_in_two_forward_and_two_backward_passes():
+def _fd_case(batch: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+    """A GELU cnn-small, a random batch, GradNorm's parameters and its exact parameter gradient."""
     torch.manual_seed(0)
     model = models.create("cnn-small", 10, in_chans=1, act="gelu")
-    x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     params = {"eps": 0.1, "ce_weight": 0.8, "gn_weight": 1.2}
-    exact = _param_grad(model, objectives.create("gradnorm", model, **params), x, y)
+    return model, x, y, params, _param_grad(model, objectives.create("gradnorm", model, **params), x, y)
+
+
+def test_fd_gradient_matches_double_backprop_in_two_forward_and_two_backward_passes():
+    model, x, y, params, exact = _fd_case(32)
     counter = _Counter(model)
     fd_objective = objectives.create("gradnorm-fd", model, **params)
     out = fd_objective(x, y)
@@ -290,11 +295,7 @@ def _penalty_error(model: nn.Module, approx: torch.Tensor, exact: torch.Tensor, 
 
 
 def test_central_fd_error_shrinks_with_the_square_of_the_step_in_three_passes():
-    torch.manual_seed(0)
-    model = models.create("cnn-small", 10, in_chans=1, act="gelu")
-    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    params = {"eps": 0.1, "ce_weight": 0.8, "gn_weight": 1.2}
-    exact = _param_grad(model, objectives.create("gradnorm", model, **params), x, y)
+    model, x, y, params, exact = _fd_case(16)
     counter = _Counter(model)
     central = _param_grad(model, objectives.create("gradnorm-fd", model, fd_scheme="central", **params), x, y)
     assert (counter.forward, counter.backward) == (3, 3)
