@@ -125,7 +125,8 @@ class EdgeRegularization(Objective):
         return logits, per_sample_ce(logits, y).mean(), self._edge(x, student)
 
     def compile(self) -> None:
-        self.terms = compiled_with_input_gradient(self.compiled_terms, self.model, "edge")  # type: ignore[method-assign]
+        compiled = compiled_with_input_gradient(self.compiled_terms, self.model, "edge")
+        self.terms = compiled  # type: ignore[method-assign,assignment]
 
     def _edge(self, x: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
         return self._code_edge(x, student) if self.form == "code" else self._paper_edge(x, student)

@@ -82,7 +82,8 @@ class GradNorm(Objective):
         return logits, per_sample_ce(logits, y).mean(), self.penalty(grad).mean()
 
     def compile(self) -> None:
-        self.terms = compiled_with_input_gradient(self.compiled_terms, self.model, "gradnorm")  # type: ignore[method-assign]
+        compiled = compiled_with_input_gradient(self.compiled_terms, self.model, "gradnorm")
+        self.terms = compiled  # type: ignore[method-assign,assignment]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
         x = self.perturb(x, y)
