@@ -96,10 +96,11 @@ def compiled_with_input_gradient(terms: Terms, model: nn.Module, method: str) ->
     """``torch.compile(terms)`` for ``terms`` that call :func:`func_input_gradient` on ``model``, refusing on each
     call while ``model`` has BatchNorm in training mode: ``torch.func.grad`` cannot update running statistics."""
     compiled = torch.compile(terms)
+    batchnorms = [m for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
     def checked(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-               for m in model.modules()):
+        if any(m.training for m in batchnorms):
             raise UserError(f"compile=true: {method}'s input gradient is taken by torch.func.grad, which cannot "
                             "update the running statistics of train-mode BatchNorm; use model.train_mode=eval "
                             "(the paper's setting) or model.bn_eval=true, or compile=false")

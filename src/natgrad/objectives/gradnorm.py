@@ -167,10 +167,10 @@ class GradNormFD(GradNorm):
         t = self.fd_step / direction.abs().amax().clamp_min(1e-30)
         step = t * direction
 
-        def last_pass(shifted: torch.Tensor, coef: float | torch.Tensor) -> torch.Tensor:
-            """``coef * sum_i L_i(shifted)`` through ``loss_model``, with the first pass's dropout masks."""
+        def loss_at(module: nn.Module, shifted: torch.Tensor) -> torch.Tensor:
+            """``sum_i L_i(shifted)`` through ``module``, with the first pass's dropout masks."""
             _set_rng_state(x.device, rng)
-            return per_sample_ce(self.loss_model(shifted.to(x.dtype)), y).sum() * coef
+            return per_sample_ce(module(shifted.to(x.dtype)), y).sum()
 
         if forward:
             coef: float | torch.Tensor = self.ce_weight / n  # on grad_theta sum_i L_i(x), already computed
@@ -178,14 +178,12 @@ class GradNormFD(GradNorm):
             # Under DDP the backward must follow a forward of the wrapped module, even when the penalty is off.
             if weight > 0 or self.loss_model is not self.model:
                 coef = coef - weight / (n * t)
-                surrogate = last_pass(x + step, weight / (n * t))
+                surrogate = loss_at(self.loss_model, x + step) * (weight / (n * t))
         else:
-            _set_rng_state(x.device, rng)
-            plus = per_sample_ce(self.model((x + step).to(x.dtype)), y).sum()
-            param_grads = list(torch.autograd.grad(plus, params, allow_unused=True))
+            param_grads = list(torch.autograd.grad(loss_at(self.model, x + step), params, allow_unused=True))
             half_ce, half_fd = self.ce_weight / (2 * n), weight / (2 * n * t)
             coef = half_ce + half_fd  # on grad_theta sum_i L_i(x + t d)
-            surrogate = last_pass(x - step, half_ce - half_fd)
+            surrogate = loss_at(self.loss_model, x - step) * (half_ce - half_fd)
         # a term linear in the parameters whose gradient is coef * the parameter gradients computed above
         for p, pg in zip(params, param_grads):
             if pg is not None:
