@@ -25,6 +25,7 @@ PASSES = {
     "edge": (1, 2, 1, 1),
     "gradnorm-fd-amp": (2, 2, 0, 2),
     "gradnorm-fd-central": (3, 3, 0, 2),  # the pass at x takes the input gradient only
+    "gradnorm-autograd": (1, 2, 1, 1),
 }
 
 

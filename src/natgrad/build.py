@@ -79,8 +79,9 @@ def _gradnorm_params(cfg: RunConfig) -> dict[str, Any]:
               "norm": g.norm, "channel_weights": g.channel_weights, "input_noise": g.input_noise,
               "noise_std": g.noise_std, "attack_steps": a.steps, "attack_step_size": a.step_size,
               "attack_random_start": a.random_start}
-    return params if cfg.method == "gradnorm" else {**params, "fd_step": g.fd_step, "fd_scheme": g.fd_scheme,
-                                                  "fd_precision": g.fd_precision}
+    if cfg.method == "gradnorm":
+        return {**params, "double_backward": cfg.double_backward}
+    return {**params, "fd_step": g.fd_step, "fd_scheme": g.fd_scheme, "fd_precision": g.fd_precision}
 
 
 def _attack_params(cfg: RunConfig) -> dict[str, Any]:
@@ -97,7 +98,7 @@ _PARAMS = {
     "gradnorm-fd": _gradnorm_params,
     "pgd": _attack_params,
     "fgsm": _attack_params,
-    "edge": lambda cfg: dataclasses.asdict(cfg.edge),
+    "edge": lambda cfg: {**dataclasses.asdict(cfg.edge), "double_backward": cfg.double_backward},
 }
 
 

@@ -19,6 +19,8 @@ FDPrecision = Literal["float32", "autocast"]  # what gradnorm-fd's passes run in
 EdgeStudent = Literal["class", "loss", "saliency"]
 EdgeTeacher = Literal["energy", "magnitude"]
 EdgeCosine = Literal["per_image", "batch"]
+# how a double backward runs through convolutions: natgrad's functions on the convolution kernels, or autograd's own
+DoubleBackward = Literal["natgrad", "autograd"]
 AttackForm = Literal["natgrad", "code"]  # PGD training's attack: input gradients only, or as the authors' code runs it
 EdgeForm = Literal["paper", "code"]  # edge regularization as the paper writes it, or as the authors' code computes it
 Analysis = Literal["gradients", "edges", "geometry", "linearity", "along_attack", "pictures"]
@@ -41,6 +43,7 @@ EDGE_TEACHERS: tuple[EdgeTeacher, ...] = get_args(EdgeTeacher)
 EDGE_COSINES: tuple[EdgeCosine, ...] = get_args(EdgeCosine)
 EDGE_FORMS: tuple[EdgeForm, ...] = get_args(EdgeForm)
 ATTACK_FORMS: tuple[AttackForm, ...] = get_args(AttackForm)
+DOUBLE_BACKWARDS: tuple[DoubleBackward, ...] = get_args(DoubleBackward)
 ANALYSES: tuple[Analysis, ...] = get_args(Analysis)
 MIXUP_MODES: tuple[MixupMode, ...] = get_args(MixupMode)
 ERASE_MODES: tuple[EraseMode, ...] = get_args(EraseMode)

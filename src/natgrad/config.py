@@ -26,6 +26,7 @@ from natgrad.choices import (
     BUILTIN_NETS,
     DATASETS,
     DEVICES,
+    DOUBLE_BACKWARDS,
     EDGE_COSINES,
     EDGE_FORMS,
     EDGE_STUDENTS,
@@ -188,6 +189,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast (CUDA only)
     compile: bool = False  # torch.compile: the loss with its input gradient (gradnorm, edge), else the model
+    double_backward: str = "natgrad"  # gradnorm, edge: convolutions differentiated twice by natgrad or by autograd
     ema: bool = False
     ema_decay: float = 0.9998
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
@@ -580,6 +582,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gradnorm.fd_scheme": FD_SCHEMES, "gradnorm.fd_precision": FD_PRECISIONS,
     "model.train_mode": TRAIN_MODES, "edge.form": EDGE_FORMS, "edge.student": EDGE_STUDENTS,
     "attack.form": ATTACK_FORMS, "edge.teacher": EDGE_TEACHERS, "edge.cosine": EDGE_COSINES,
+    "double_backward": DOUBLE_BACKWARDS,
 }
 
 

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from natgrad.choices import DoubleBackward
+from natgrad.convolution import native_double_backward
 from natgrad.errors import UserError
 from natgrad.losses import per_sample_ce
 
@@ -40,15 +42,17 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def loss_and_gradient(loss_fn: LossFn, x: torch.Tensor, create_graph: bool = False, math_kernel: bool = True
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def loss_and_gradient(loss_fn: LossFn, x: torch.Tensor, create_graph: bool = False, math_kernel: bool = True,
+                      double_backward: DoubleBackward = "natgrad") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_leaf, per-image loss, per-image input gradient)``; the gradient keeps its graph if asked.
 
     ``math_kernel`` selects scaled-dot-product attention's math kernel: the fused kernels have no double
-    backward (a no-op for models without attention).
+    backward (a no-op for models without attention). With ``create_graph``, ``double_backward="natgrad"`` runs
+    the convolutions through :func:`natgrad.convolution.native_double_backward` (same values, faster).
     """
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]) if math_kernel else contextlib.nullcontext():
+    kernels = native_double_backward() if create_graph and double_backward == "natgrad" else contextlib.nullcontext()
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]) if math_kernel else contextlib.nullcontext(), kernels:
         loss = loss_fn(x)
         (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=create_graph)
     return x, loss, grad
@@ -56,12 +60,13 @@ def loss_and_gradient(loss_fn: LossFn, x: torch.Tensor, create_graph: bool = Fal
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, create_graph: bool,
                    output: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   double_backward: DoubleBackward = "natgrad") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits, per-image outputs and per-image input gradients of those outputs.
 
     Args:
         output: maps logits to one value per image; default the cross-entropy with ``y``.
         create_graph: keep the graph of the gradient for double backprop (with the math attention kernel).
+        double_backward: with ``create_graph``, how convolutions are differentiated twice (:func:`loss_and_gradient`).
     """
     logits: list[torch.Tensor] = []
 
@@ -69,7 +74,7 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, cr
         logits.append(model(z))
         return output(logits[0]) if output is not None else per_sample_ce(logits[0], cast(torch.Tensor, y))
 
-    _, out, grad = loss_and_gradient(values, x, create_graph, math_kernel=create_graph)
+    _, out, grad = loss_and_gradient(values, x, create_graph, math_kernel=create_graph, double_backward=double_backward)
     return logits[0], out, grad
 
 

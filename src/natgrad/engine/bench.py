@@ -38,13 +38,15 @@ from natgrad.errors import UserError, did_you_mean
 from natgrad.progress import Progress
 
 # Training's methods, and PGD training as the authors' code runs it (attack.form=code), as the paper timed it.
-METHODS = (*config.METHODS, "pgd-paper", "gradnorm-fd-amp", "gradnorm-fd-central")
-# the bench methods that are a training method with other settings: method, the settings (section, key, value)
+METHODS = (*config.METHODS, "pgd-paper", "gradnorm-fd-amp", "gradnorm-fd-central", "gradnorm-autograd")
+# the bench methods that are a training method with other settings: method, the settings (section or "" for a
+# top-level key, key, value)
 VARIANTS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     "pgd-paper": ("pgd", [("attack", "form", "code")]),  # the authors' PGD training attack
     "gradnorm-fd-amp": ("gradnorm-fd", [("gradnorm", "fd_precision", "autocast")]),  # bf16 under amp
     "gradnorm-fd-central": ("gradnorm-fd", [("gradnorm", "fd_scheme", "central"),
                                             ("gradnorm", "fd_precision", "autocast")]),
+    "gradnorm-autograd": ("gradnorm", [("", "double_backward", "autograd")]),  # autograd's convolution double backward
 }
 RSS_INTERVAL_S = 0.0005
 
@@ -280,7 +282,10 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
         return dataclasses.replace(cfg, method=method)
     base, settings = VARIANTS[method]
     for section, key, value in settings:
-        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: value})})
+        if not section:
+            cfg = dataclasses.replace(cfg, **{key: value})
+        else:
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: value})})
     return dataclasses.replace(cfg, method=base)
 
 

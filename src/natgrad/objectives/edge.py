@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from natgrad.analysis.edges import contour_energy, edge_map
-from natgrad.choices import EdgeCosine, EdgeForm, EdgeStudent, EdgeTeacher
+from natgrad.choices import DoubleBackward, EdgeCosine, EdgeForm, EdgeStudent, EdgeTeacher
 from natgrad.gradients import compiled_with_input_gradient, func_input_gradient, input_gradient
 from natgrad.losses import per_sample_ce
 from natgrad.models import Normalize
@@ -73,9 +73,12 @@ class EdgeRegularization(Objective):
 
     def __init__(self, model: nn.Module, weight: float = 1.0, weight_per_epoch: float = 0.0,
                  weight_max: float | None = None, tau: float = 0.5, sigma: float = 1.0, student: EdgeStudent = "class",
-                 teacher: EdgeTeacher = "energy", cosine: EdgeCosine = "per_image", form: EdgeForm = "paper"):
-        """Parameters as ``config.EdgeConfig``, whose ranges and choices ``config.validate`` checks."""
+                 teacher: EdgeTeacher = "energy", cosine: EdgeCosine = "per_image", form: EdgeForm = "paper",
+                 double_backward: DoubleBackward = "natgrad"):
+        """Parameters as ``config.EdgeConfig``, whose ranges and choices ``config.validate`` checks;
+        ``double_backward`` as :func:`natgrad.gradients.input_gradient`'s."""
         super().__init__(model)
+        self.double_backward = double_backward
         self.weight, self.weight_per_epoch, self.weight_max = weight, weight_per_epoch, weight_max
         self.tau, self.sigma, self.student, self.teacher, self.cosine = tau, sigma, student, teacher, cosine
         self.form = form
@@ -115,7 +118,8 @@ class EdgeRegularization(Objective):
     def terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, mean cross-entropy and the edge term, by double backprop."""
         output = None if self.student == "loss" else self._sampled_logit
-        logits, _, student = input_gradient(self.loss_model, x, y, create_graph=True, output=output)
+        logits, _, student = input_gradient(self.loss_model, x, y, create_graph=True, output=output,
+                                             double_backward=self.double_backward)
         return logits, per_sample_ce(logits, y).mean(), self._edge(x, student)
 
     def compiled_terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from natgrad.attacks import pgd
-from natgrad.choices import FDPrecision, FDScheme, InputNoise, PenaltyNorm
+from natgrad.choices import DoubleBackward, FDPrecision, FDScheme, InputNoise, PenaltyNorm
 from natgrad.errors import UserError
 from natgrad.gradients import compiled_with_input_gradient, func_input_gradient, input_gradient
 from natgrad.losses import per_sample_ce
@@ -33,9 +33,11 @@ class GradNorm(Objective):
                  warmup_epochs: float = 0.0, norm: PenaltyNorm = "l1", channel_weights: Sequence[float] | None = None,
                  input_noise: InputNoise = "none", noise_std: float | None = None, attack_steps: int = 3,
                  attack_step_size: float | None = None, attack_random_start: bool | None = False,
-                 penalty_eps: float | None = None):
-        """``eps`` is the radius of the noisy and PGD inputs and, unless ``penalty_eps`` is given, the penalty's."""
+                 penalty_eps: float | None = None, double_backward: DoubleBackward = "natgrad"):
+        """``eps`` is the radius of the noisy and PGD inputs and, unless ``penalty_eps`` is given, the penalty's;
+        ``double_backward`` as :func:`natgrad.gradients.input_gradient`'s."""
         super().__init__(model)
+        self.double_backward = double_backward
         self.penalty_eps = eps if penalty_eps is None else penalty_eps
         self.eps, self.ce_weight, self.gn_weight, self.warmup_epochs = eps, ce_weight, gn_weight, warmup_epochs
         self.norm, self.input_noise = norm, input_noise
@@ -72,7 +74,8 @@ class GradNorm(Objective):
 
     def terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, mean cross-entropy and mean penalty at ``x``, by double backprop."""
-        logits, ce, grad = input_gradient(self.loss_model, x, y, create_graph=True)
+        logits, ce, grad = input_gradient(self.loss_model, x, y, create_graph=True,
+                                          double_backward=self.double_backward)
         return logits, ce.mean(), self.penalty(grad).mean()
 
     def compiled_terms(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,143 @@
+"""Convolutions whose double backward runs on the convolution kernels themselves.
+
+Autograd differentiates a convolution's input gradient (``ConvolutionBackwardBackward0``) by convolving
+transposed, batch-as-channel tensors, on this CPU slower than the weight-gradient kernel that
+``convolution_backward`` has for the same product (docs/RESULTS.md, issue 19). Inside
+:func:`native_double_backward` every ``conv1d``/``conv2d``/``conv3d`` call runs through :class:`_Convolution`,
+whose backward is :class:`_ConvolutionBackward`, whose backward is again a convolution and a
+``convolution_backward``: the same values by the kernels a PGD step uses, differentiable to any order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.overrides import TorchFunctionMode
+
+_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+Mask = tuple[bool, bool, bool]  # which of (input, weight, bias) gradients to compute
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+
+    def convolve(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.convolution(x, w, b, self.stride, self.padding, self.dilation, False, [0] * len(self.stride),
+                                 self.groups)
+
+    def backward(self, g_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: Mask
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The gradients of ``<g_out, conv(x, w) + bias>`` with respect to ``(x, w, bias)`` that ``mask`` asks for."""
+        return torch.ops.aten.convolution_backward(g_out, x, w, [w.shape[0]] if mask[2] else None, self.stride,
+                                                   self.padding, self.dilation, False, [0] * len(self.stride),
+                                                   self.groups, list(mask))
+
+
+def _tracked(t: torch.Tensor) -> tuple[torch.Tensor, GradientEdge | None]:
+    """``t`` (behind a view if it is a leaf: the engine tells :func:`_needed` about non-leaf nodes only) and its
+    gradient edge, or None where ``t`` takes no gradient."""
+    if not t.requires_grad:
+        return t, None
+    if t.grad_fn is None:
+        t = t.view_as(t)
+    return t, get_gradient_edge(t)
+
+
+def _needed(edge: GradientEdge | None) -> bool:
+    """Whether the running backward uses a gradient along ``edge``: ``torch.autograd.grad(..., inputs)`` prunes
+    the others, and unlike autograd's own nodes a custom function is not told which."""
+    return edge is not None and torch._C._will_engine_execute_node(edge.node)
+
+
+def convolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: _Geometry) -> torch.Tensor:
+    """``geo``'s convolution of ``x`` with ``w`` (and bias ``b``) through :class:`_Convolution`."""
+    (x, ex), (w, ew) = _tracked(x), _tracked(w)
+    b, eb = (None, None) if b is None else _tracked(b)
+    return _Convolution.apply(x, w, b, geo, (ex, ew, eb))
+
+
+class _Convolution(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: _Geometry,
+                edges: tuple[GradientEdge | None, ...]) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.geo, ctx.edges = geo, edges
+        return geo.convolve(x, w, b)
+
+    @staticmethod
+    def backward(ctx: Any, g_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        mask = tuple(_needed(e) for e in ctx.edges)
+        grads = _ConvolutionBackward.apply(g_out, x, w, ctx.geo, mask) if any(mask) else (None, None, None)
+        return (*grads, None, None)
+
+
+class _ConvolutionBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, g_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, geo: _Geometry, mask: Mask
+                ) -> tuple[torch.Tensor | None, ...]:
+        ctx.save_for_backward(g_out, x, w)
+        ctx.geo = geo
+        return geo.backward(g_out, x, w, mask)
+
+    @staticmethod
+    def backward(ctx: Any, gg_x: torch.Tensor | None, gg_w: torch.Tensor | None, gg_b: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, ...]:
+        g_out, x, w = ctx.saved_tensors
+        geo: _Geometry = ctx.geo
+        need_g, need_x, need_w = ctx.needs_input_grad[:3]
+        d_g = d_x = d_w = None
+        if need_g:  # the outputs are linear in g_out: d/d g_out of <gg_x, d x> + <gg_w, d w> + <gg_b, d b>
+            terms = []
+            if gg_x is not None:
+                terms.append(convolve(gg_x, w, None, geo))
+            if gg_w is not None:
+                terms.append(convolve(x, gg_w, None, geo))
+            if gg_b is not None:
+                terms.append(gg_b.view(1, -1, *[1] * (g_out.dim() - 2)).expand_as(g_out))
+            d_g = sum(terms[1:], terms[0]) if terms else None
+        if need_x and gg_w is not None:  # <gg_w, d w(g_out, x)> = <g_out, conv(x, gg_w)>
+            d_x = _ConvolutionBackward.apply(g_out, x, gg_w, geo, (True, False, False))[0]
+        if need_w and gg_x is not None:  # <gg_x, d x(g_out, w)> = <g_out, conv(gg_x, w)>
+            d_w = _ConvolutionBackward.apply(g_out, gg_x, w, geo, (False, True, False))[1]
+        return d_g, d_x, d_w, None, None
+
+
+def _ints(value: int | Sequence[int], dims: int) -> list[int]:
+    return [value] * dims if isinstance(value, int) else list(value)
+
+
+class _NativeDoubleBackward(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        dims = _DIMS.get(func)
+        if dims is None or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        given = dict(zip(_ARGS, args), **kwargs)
+        x, w, b, padding = given["input"], given["weight"], given.get("bias"), given.get("padding", 0)
+        if isinstance(padding, str) or x.dim() != dims + 2:  # "same"/"valid" or unbatched: autograd's own way
+            return func(*args, **kwargs)
+        if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, so that the saved tensors match
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        geo = _Geometry(_ints(given.get("stride", 1), dims), _ints(padding, dims),
+                        _ints(given.get("dilation", 1), dims), int(given.get("groups", 1)))
+        return convolve(x, w, b, geo)
+
+
+@contextlib.contextmanager
+def native_double_backward() -> Iterator[None]:
+    """Run the block's convolutions through functions whose double backward uses the convolution kernels."""
+    with _NativeDoubleBackward():
+        yield

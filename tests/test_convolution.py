@@ -1,0 +1,116 @@
+"""double_backward=natgrad: convolutions differentiated twice on the convolution kernels give autograd's values.
+
+The second derivatives are checked against finite differences (``gradgradcheck``, float64), the training steps
+of gradnorm and edge against autograd's own double backward, and the input-gradient pass is checked to compute
+no weight gradient (autograd's nodes skip them; the custom functions must ask the engine to).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from natgrad import config, models, objectives
+from natgrad.convolution import native_double_backward
+from natgrad.errors import UserError
+from natgrad.gradients import input_gradient
+
+# (conv, input shape, weight shape, keyword arguments)
+GEOMETRIES = {
+    "2d-stride-bias": (F.conv2d, (2, 4, 7, 7), (6, 4, 3, 3), {"stride": 2, "padding": 1}),
+    "2d-dilation-groups": (F.conv2d, (2, 4, 8, 8), (6, 2, 3, 3), {"padding": (2, 1), "dilation": (2, 1), "groups": 2}),
+    "1d": (F.conv1d, (2, 3, 9), (4, 3, 3), {"stride": 2}),
+    "3d": (F.conv3d, (1, 2, 4, 5, 5), (3, 2, 2, 3, 3), {"padding": 1}),
+    "2d-same-padding": (F.conv2d, (2, 3, 6, 6), (4, 3, 3, 3), {"padding": "same"}),  # left to autograd
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_second_derivatives_match_finite_differences(name):
+    conv, x_shape, w_shape, kwargs = GEOMETRIES[name]
+    torch.manual_seed(0)
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(w_shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(w_shape[0], dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        with native_double_backward():
+            return torch.tanh(conv(x, w, b, **kwargs))  # tanh: second derivatives that mix input and weight
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def _step(method: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, double_backward: str,
+          **params) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    objective = objectives.create(method, model, double_backward=double_backward, **params)
+    torch.manual_seed(1)  # the same sampled classes for edge's class student
+    loss = objective(x, y)["loss"]
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+CASES = {"gradnorm": {"eps": 0.1}, "edge": {"student": "class"}}
+MODELS = {"cnn-small": (1, 28, "train"), "resnet10t": (3, 32, "eval"), "resnet10t-train": (3, 32, "train")}
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("method", list(CASES))
+def test_training_step_equals_autograds(method, model_name):
+    channels, size, mode = MODELS[model_name]
+    torch.manual_seed(0)
+    model = models.create(model_name.removesuffix("-train"), 10, channels, train_mode=mode)
+    x, y = torch.rand(4, channels, size, size), torch.randint(0, 10, (4,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_a, grads_a = _step(method, model, x, y, "autograd", **CASES[method])
+    model.load_state_dict(state)  # train-mode BatchNorm moved its running statistics
+    loss_n, grads_n = _step(method, model, x, y, "natgrad", **CASES[method])
+    torch.testing.assert_close(loss_n, loss_a, rtol=1e-6, atol=1e-7)
+    for ga, gn in zip(grads_a, grads_n, strict=True):
+        torch.testing.assert_close(gn, ga, rtol=1e-4, atol=1e-5 * ga.abs().max().item() + 1e-8)
+
+
+def test_bf16_autocast_step_is_close_to_autograds():
+    torch.manual_seed(0)
+    model = models.create("resnet10t", 10, 3, train_mode="eval")
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_a, grads_a = _step("gradnorm", model, x, y, "autograd", eps=8 / 255)
+        loss_n, grads_n = _step("gradnorm", model, x, y, "natgrad", eps=8 / 255)
+    assert abs(loss_n - loss_a) <= 1e-2 * abs(loss_a)
+    flat_a, flat_n = torch.cat([g.flatten() for g in grads_a]), torch.cat([g.flatten() for g in grads_n])
+    assert ((flat_n - flat_a).norm() / flat_a.norm()).item() < 0.05  # bf16's rounding, in different kernels
+
+
+class _ConvolutionMasks(TorchDispatchMode):
+    """The ``output_mask`` of every ``convolution_backward`` kernel: which of input, weight and bias it computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[tuple[bool, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.masks.append(tuple(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_input_gradient_pass_computes_no_weight_gradient():
+    torch.manual_seed(0)
+    model = models.create("cnn-small", 10, 1)
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    with _ConvolutionMasks() as first:
+        _, ce, grad = input_gradient(model, x, y, create_graph=True)
+    assert first.masks and all(m == (True, False, False) for m in first.masks)  # three convolutions, inputs only
+    with _ConvolutionMasks() as final:
+        (ce.mean() + grad.abs().sum()).backward()
+    assert sum(m[1] for m in final.masks) == 6  # per convolution: its double backward's and its own weight gradient
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unknown_double_backward_is_refused():
+    with pytest.raises(UserError, match="double_backward"):
+        config.load("fmnist-gradnorm", ["double_backward=fast"])
