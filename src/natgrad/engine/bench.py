@@ -282,10 +282,10 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
         return dataclasses.replace(cfg, method=method)
     base, settings = VARIANTS[method]
     for section, key, value in settings:
-        if not section:
-            cfg = dataclasses.replace(cfg, **{key: value})
-        else:
-            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: value})})
+        change: dict[str, Any] = {key: value}
+        if section:  # a key of a config section; "" names a top-level key
+            change = {section: dataclasses.replace(getattr(cfg, section), **change)}
+        cfg = dataclasses.replace(cfg, **change)
     return dataclasses.replace(cfg, method=base)
 
 
