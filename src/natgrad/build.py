@@ -45,7 +45,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: RunConfig, channels: int | None = None, input_size: int | None = None,
-                pretrained: bool = False, keep_head: bool = False) -> nn.Module:
+                pretrained: bool = False, keep_head: bool = False) -> models.Classifier:
     """The configured model with the dataset's classes and normalization inside.
 
     Args:
@@ -67,7 +67,7 @@ def build_model(cfg: RunConfig, channels: int | None = None, input_size: int | N
         if input_size is not None and models.takes_img_size(m.name):
             kwargs["img_size"] = input_size
     return models.create(m.name, di.num_classes, channels, act=m.act, bn_eval=m.bn_eval,
-                         train_mode=cast(TrainMode, m.train_mode),
+                         train_mode=cast(TrainMode, m.train_mode), channels_last=m.channels_last,
                          mean=di.mean if own_stats else None, std=di.std if own_stats else None,
                          pretrained=m.pretrained if pretrained else False, keep_head=keep_head, **kwargs)
 

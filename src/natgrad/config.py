@@ -93,6 +93,7 @@ class ModelConfig:
     train_mode: str = "train"  # eval: the whole model in eval mode while training (the authors' code, every method)
     bn_eval: bool = False  # keep only BatchNorm in eval mode while training
     sync_bn: bool = False  # under several processes: BatchNorm statistics over the global batch (SyncBatchNorm, GPUs)
+    channels_last: bool = False  # NHWC weights and activations (the same function; faster convolutions on some devices)
     drop_path: float = 0.0
     drop: float = 0.0
 

@@ -46,21 +46,37 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last (NHWC) memory order when it is a batch of images; other tensors as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 class Classifier(nn.Module):
     """``net(normalize(x))``. In training, ``train_mode="eval"`` keeps the whole net in eval mode (BatchNorm
-    statistics frozen, dropout and drop-path off: the authors' setting); ``bn_eval`` only its BatchNorm layers."""
+    statistics frozen, dropout and drop-path off: the authors' setting); ``bn_eval`` only its BatchNorm layers.
+    ``channels_last`` stores the net's 4-D weights and runs its input in NHWC order (the same function)."""
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], bn_eval: bool = False,
-                 train_mode: TrainMode = "train"):
+                 train_mode: TrainMode = "train", channels_last: bool = False):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
         self.bn_eval = bn_eval
         self.train_mode = train_mode
+        self.channels_last = False
+        if channels_last:
+            self.memory_format(channels_last=True)
         self.train()
 
+    def memory_format(self, channels_last: bool) -> Classifier:
+        """Keep the net's 4-D weights, and run its input, in NHWC order (``channels_last``) or in NCHW."""
+        self.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.channels_last = channels_last
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+        z = self.normalize(x)
+        return self.net(to_channels_last(z) if self.channels_last else z)
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
@@ -314,6 +330,7 @@ def create(
     train_mode: TrainMode = "train",
     pretrained: bool | str = False,
     keep_head: bool = False,
+    channels_last: bool = False,
     **kwargs: Any,
 ) -> Classifier:
     """Create a model that takes [0, 1] images.
@@ -331,6 +348,8 @@ def create(
         train_mode: ``eval`` keeps the whole net in eval mode while training.
         pretrained: timm models only: True for timm's published weights, or a checkpoint file's path.
         keep_head: refuse pretrained weights whose classifier would be reset for ``num_classes`` (evaluation).
+        channels_last: keep the net's weights and activations in NHWC memory order (faster convolutions on
+            some devices; the same function).
         **kwargs: passed to timm.create_model (e.g. ``img_size``, ``drop_path_rate``).
     """
     if name in BUILTIN:
@@ -351,4 +370,4 @@ def create(
     std = tuple(std) if std is not None else default_std
     if len(mean) != in_chans or len(std) != in_chans:
         raise UserError(f"mean/std have {len(mean)}/{len(std)} values but the model has {in_chans} input channels")
-    return Classifier(net, mean, std, bn_eval=bn_eval, train_mode=train_mode)
+    return Classifier(net, mean, std, bn_eval=bn_eval, train_mode=train_mode, channels_last=channels_last)

@@ -35,6 +35,7 @@ from natgrad import config, data, objectives
 from natgrad.build import build_model, build_objective, build_optimizer, select_device
 from natgrad.config import RunConfig
 from natgrad.errors import UserError, did_you_mean
+from natgrad.models import Classifier
 from natgrad.progress import Progress
 
 # Training's methods, and PGD training as the authors' code runs it (attack.form=code), as the paper timed it.
@@ -48,6 +49,7 @@ VARIANTS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
                                             ("gradnorm", "fd_precision", "autocast")]),
     "gradnorm-autograd": ("gradnorm", [("", "double_backward", "autograd")]),  # autograd's convolution double backward
 }
+LAYOUT_SUFFIX = "-nhwc"  # any method with the model in channels_last memory order (model.channels_last=true)
 RSS_INTERVAL_S = 0.0005
 
 
@@ -266,8 +268,9 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     if not names:
         raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
     for m in names:
-        if m not in METHODS:
-            raise UserError(f"unknown method {m!r}{did_you_mean(m, METHODS)}; choose from {', '.join(METHODS)}")
+        if m.removesuffix(LAYOUT_SUFFIX) not in METHODS:
+            raise UserError(f"unknown method {m!r}{did_you_mean(m, METHODS)}; choose from {', '.join(METHODS)}, "
+                            f"each also with {LAYOUT_SUFFIX} (channels_last)")
     return list(dict.fromkeys(names))
 
 
@@ -277,7 +280,11 @@ def steady_epoch_fraction(cfg: RunConfig) -> float:
 
 
 def method_config(cfg: RunConfig, method: str) -> RunConfig:
-    """The training config of a bench method: a training method itself, or one of :data:`VARIANTS`."""
+    """The training config of a bench method: a training method itself, or one of :data:`VARIANTS`, either of
+    them with :data:`LAYOUT_SUFFIX`."""
+    if method.endswith(LAYOUT_SUFFIX):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, channels_last=True))
+        return method_config(cfg, method.removesuffix(LAYOUT_SUFFIX))
     if method not in VARIANTS:
         return dataclasses.replace(cfg, method=method)
     base, settings = VARIANTS[method]
@@ -289,13 +296,15 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     return dataclasses.replace(cfg, method=base)
 
 
-def build_steps(cfg: RunConfig, methods: Sequence[str], model: nn.Module,
+def build_steps(cfg: RunConfig, methods: Sequence[str], model: Classifier,
                 device: torch.device) -> dict[str, MethodStep]:
-    """For each method a fresh copy of ``model`` with its optimizer and training objective, as training builds them."""
+    """For each method a fresh copy of ``model`` (a :class:`~natgrad.models.Classifier`) in the method's memory
+    order, with its optimizer and training objective, as training builds them."""
     steps = {}
     for method in methods:
-        m = copy.deepcopy(model).to(device).train()
-        objective = build_objective(method_config(cfg, method), m)
+        method_cfg = method_config(cfg, method)
+        m = copy.deepcopy(model).memory_format(method_cfg.model.channels_last).to(device).train()
+        objective = build_objective(method_cfg, m)
         steps[method] = MethodStep(method, m, build_optimizer(cfg, m), objective, steady_epoch_fraction(cfg),
                                    amp=device.type == "cuda" and cfg.amp, clip_grad=cfg.optim.clip_grad)
     return steps
@@ -385,7 +394,7 @@ def run_bench(settings: BenchSettings) -> dict:
         "batch": settings.batch, "device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "steps": settings.steps,
         "warmup": settings.warmup, "recipe": settings.recipe, "eps": cfg.eps, "pgd_steps": cfg.attack.steps,
-        "amp": device.type == "cuda" and cfg.amp, "compile": cfg.compile,
+        "amp": device.type == "cuda" and cfg.amp, "compile": cfg.compile, "channels_last": cfg.model.channels_last,
         "methods": {name: {
             "seconds_per_step": medians[name], "seconds_all": seconds[name], "passes": passes[name],
             "peak_memory_bytes": memory[name], "relative_to_pgd": None if pgd is None else medians[name] / pgd,
@@ -420,7 +429,8 @@ def format_bench(result: dict) -> str:
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     title = (f"{result['model']} ({result['act'] or 'own activation'}), {result['channels']}x{result['input_size']}x"
              f"{result['input_size']}, batch {result['batch']}, {result['device']}, {result['threads']} threads, "
-             f"median of {result['steps']} steps" + (", compiled" if result.get("compile") else ""))
+             f"median of {result['steps']} steps" + (", compiled" if result.get("compile") else "")
+             + (", channels last" if result.get("channels_last") else ""))
     return "\n".join([title, *lines])
 
 

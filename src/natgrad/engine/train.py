@@ -304,7 +304,7 @@ def _build_run(cfg: RunConfig, ctx: Context, out: Path, resume: bool, progress: 
         raise UserError(f"the training set has {n_train} images, fewer than batch_size={cfg.batch_size}; "
                         "lower batch_size")
     seed_everything(cfg.seed)
-    model = build_model(cfg, pretrained=_starts_pretrained(cfg, out, resume)).to(ctx.device)
+    model: nn.Module = build_model(cfg, pretrained=_starts_pretrained(cfg, out, resume)).to(ctx.device)
     if cfg.model.sync_bn:
         model = sync_batchnorm(model, ctx)
     if cfg.init and not (resume and RunDir(out).checkpoint.is_file()):  # fine-tuning, unless a checkpoint follows
