@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from natgrad import config, data
+from natgrad import config, data, models
 from natgrad.cli import main
 from natgrad.errors import UserError
 
@@ -16,6 +16,18 @@ TINY = [
     "data.name=synthetic", "data.synthetic_size=256", "data.image_size=28", "data.channels=1",
     "data.limit_eval=64", "batch_size=32", "eval.pgd_steps=2", "eval.batch_size=64", "device=cpu",
 ]
+
+
+# Models whose training steps are compared across implementations: (channels, image size, train_mode)
+STEP_MODELS = {"cnn-small": (1, 28, "train"), "resnet10t": (3, 32, "eval"), "resnet10t-train": (3, 32, "train")}
+
+
+def step_model(name: str) -> tuple[models.Classifier, torch.Tensor, torch.Tensor]:
+    """A seeded model of :data:`STEP_MODELS` with a batch of 4 images and labels."""
+    channels, size, mode = STEP_MODELS[name]
+    torch.manual_seed(0)
+    model = models.create(name.removesuffix("-train"), 10, channels, train_mode=mode)
+    return model, torch.rand(4, channels, size, size), torch.randint(0, 10, (4,))
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import STEP_MODELS, step_model
 from natgrad import config, models, objectives
 from natgrad.convolution import native_double_backward
 from natgrad.errors import UserError
@@ -54,16 +55,12 @@ def _step(method: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 CASES = {"gradnorm": {"eps": 0.1}, "edge": {"student": "class"}}
-MODELS = {"cnn-small": (1, 28, "train"), "resnet10t": (3, 32, "eval"), "resnet10t-train": (3, 32, "train")}
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("model_name", list(STEP_MODELS))
 @pytest.mark.parametrize("method", list(CASES))
 def test_training_step_equals_autograds(method, model_name):
-    channels, size, mode = MODELS[model_name]
-    torch.manual_seed(0)
-    model = models.create(model_name.removesuffix("-train"), 10, channels, train_mode=mode)
-    x, y = torch.rand(4, channels, size, size), torch.randint(0, 10, (4,))
+    model, x, y = step_model(model_name)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     loss_a, grads_a = _step(method, model, x, y, "autograd", **CASES[method])
     model.load_state_dict(state)  # train-mode BatchNorm moved its running statistics

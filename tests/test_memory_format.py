@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from conftest import STEP_MODELS, step_model
 from natgrad import config, models, objectives
 from natgrad.build import build_model
 from natgrad.engine import bench
@@ -15,7 +16,6 @@ from natgrad.errors import UserError
 
 CASES = {"natural": {}, "gradnorm": {"eps": 0.1}, "gradnorm-fd": {"eps": 0.1}, "edge": {"student": "class"},
          "pgd": {"eps": 0.1, "steps": 2, "step_size": 0.05}}
-MODELS = {"cnn-small": (1, 28, "train"), "resnet10t": (3, 32, "eval"), "resnet10t-train": (3, 32, "train")}
 
 
 def _step(method: str, model: models.Classifier, x: torch.Tensor, y: torch.Tensor
@@ -26,17 +26,14 @@ def _step(method: str, model: models.Classifier, x: torch.Tensor, y: torch.Tenso
     return loss.detach(), [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("model_name", list(STEP_MODELS))
 @pytest.mark.parametrize("method", list(CASES))
 def test_channels_last_step_equals_contiguous(method, model_name):
-    channels, size, mode = MODELS[model_name]
-    torch.manual_seed(0)
-    nchw = models.create(model_name.removesuffix("-train"), 10, channels, train_mode=mode)
+    nchw, x, y = step_model(model_name)
     nhwc = copy.deepcopy(nchw).memory_format(channels_last=True)
     kernels = _kernels(nhwc)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
     assert any(not p.is_contiguous() for p in kernels)  # (a 1-channel kernel is contiguous either way)
-    x, y = torch.rand(4, channels, size, size), torch.randint(0, 10, (4,))
     loss_a, grads_a = _step(method, nchw, x, y)
     loss_b, grads_b = _step(method, nhwc, x, y)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
