@@ -7,13 +7,15 @@ no weight gradient (autograd's nodes skip them; the custom functions must ask th
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import STEP_MODELS, step_model
-from natgrad import config, models, objectives
+from natgrad import config, convolution, models, objectives
 from natgrad.convolution import native_double_backward
 from natgrad.errors import UserError
 from natgrad.gradients import input_gradient
@@ -83,15 +85,18 @@ def test_bf16_autocast_step_is_close_to_autograds():
 
 
 class _ConvolutionMasks(TorchDispatchMode):
-    """The ``output_mask`` of every ``convolution_backward`` kernel: which of input, weight and bias it computes."""
+    """The ``output_mask`` of every ``convolution_backward`` kernel (which of input, weight and bias it computes)
+    and the batch size it runs on."""
 
     def __init__(self) -> None:
         super().__init__()
         self.masks: list[tuple[bool, ...]] = []
+        self.batches: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution_backward.default:
             self.masks.append(tuple(args[-1]))
+            self.batches.append(args[0].shape[0])
         return func(*args, **(kwargs or {}))
 
 
@@ -104,8 +109,85 @@ def test_input_gradient_pass_computes_no_weight_gradient():
     assert first.masks and all(m == (True, False, False) for m in first.masks)  # three convolutions, inputs only
     with _ConvolutionMasks() as final:
         (ce.mean() + grad.abs().sum()).backward()
-    assert sum(m[1] for m in final.masks) == 6  # per convolution: its double backward's and its own weight gradient
+    assert _weight_batches(final) == [4] * 6  # per convolution its double backward's and its own (maps > 4x4)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _weight_batches(kernels: _ConvolutionMasks) -> list[int]:
+    return sorted(b for m, b in zip(kernels.masks, kernels.batches, strict=True) if m[1])
+
+
+def test_small_maps_take_both_weight_gradients_in_one_call():
+    model, x, y = step_model("resnet10t")
+    positions = []
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_hook(lambda module, inputs, out: positions.append(out[0, 0].numel()))
+    _, ce, grad = input_gradient(model, x, y, create_graph=True)
+    with _ConvolutionMasks() as final:
+        (ce.mean() + grad.abs().sum()).backward()
+    small = sum(p <= convolution.FUSE_AT_MOST for p in positions)
+    assert 0 < small < len(positions)
+    assert _weight_batches(final) == [len(x)] * 2 * (len(positions) - small) + [2 * len(x)] * small
+
+
+@pytest.fixture
+def fuse_all(monkeypatch):
+    """Weight gradients share one call at every map size, so that cnn-small's exercise it."""
+    monkeypatch.setattr(convolution, "FUSE_AT_MOST", 10 ** 9)
+
+
+def _gradnorm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with native_double_backward():
+        _, ce, grad = input_gradient(model, x, y, create_graph=True)
+    return ce.mean() + grad.abs().sum()
+
+
+def test_gradients_of_some_parameters_equal_the_full_backwards(fuse_all):
+    """Asked for one parameter at a time, the engine runs only part of the graph: a weight gradient left for a
+    forward node that does not run would be lost."""
+    torch.manual_seed(0)
+    model = models.create("cnn-small", 10, 1)
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    params = list(model.parameters())
+    full = torch.autograd.grad(_gradnorm_loss(model, x, y), params)
+    for p, expected in zip(params, full, strict=True):
+        (alone,) = torch.autograd.grad(_gradnorm_loss(model, x, y), [p])
+        torch.testing.assert_close(alone, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+def test_weight_gradient_of_a_convolution_whose_forward_takes_no_gradient(fuse_all):
+    """With a loss linear in the last convolution's output, the second backward never reaches that convolution's
+    forward node (kept alive here): its double backward's weight gradient must be taken where it arises."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w1, w2 = torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(5, 4, 3, 3, requires_grad=True)
+
+    def second_loss(kernels: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
+        with kernels:
+            out = F.conv2d(torch.tanh(F.conv2d(x, w1, padding=1)), w2, padding=1)
+            (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return (grad ** 2).sum(), out
+
+    loss, _ = second_loss(contextlib.nullcontext())
+    expected = torch.autograd.grad(loss, [w1, w2])
+    loss, out = second_loss(native_double_backward())
+    actual = torch.autograd.grad(loss, [w1, w2])
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6 * e.abs().max().item())
+
+
+def test_gradient_with_a_graph_equals_the_gradient_without(fuse_all):
+    """``create_graph=True`` (a third derivative to come) takes the weight gradients one by one."""
+    torch.manual_seed(0)
+    model = models.create("cnn-small", 10, 1)
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    params = list(model.parameters())
+    plain = torch.autograd.grad(_gradnorm_loss(model, x, y), params)
+    with _ConvolutionMasks() as kernels:
+        graph = torch.autograd.grad(_gradnorm_loss(model, x, y), params, create_graph=True)
+    assert _weight_batches(kernels) == [4] * 6
+    for a, b in zip(plain, graph, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())
 
 
 def test_unknown_double_backward_is_refused():

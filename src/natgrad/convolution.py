@@ -6,11 +6,18 @@ transposed, batch-as-channel tensors, on this CPU slower than the weight-gradien
 :func:`native_double_backward` every ``conv1d``/``conv2d``/``conv3d`` call runs through :class:`_Convolution`,
 whose backward is :class:`_ConvolutionBackward`, whose backward is again a convolution and a
 ``convolution_backward``: the same values by the kernels a PGD step uses, differentiable to any order.
+
+A double backward takes two weight gradients per convolution: one of its input gradient (in the double backward's
+node) and one of the convolution itself (in the forward's node, which the engine runs later). Where a backward
+builds no graph and the output map is small, the first is left on the forward's node and both are taken by one
+kernel call over the two batches stacked: on this CPU up to twice as fast as two calls at 1x1 and 2x2 maps,
+as fast at 4x4, slower from 8x8 (docs/RESULTS.md, issue 19).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 Mask = tuple[bool, bool, bool]  # which of (input, weight, bias) gradients to compute
+FUSE_AT_MOST = 16  # output positions up to which a double backward's two weight gradients share one call
 
 
 @dataclass(frozen=True)
@@ -67,29 +75,57 @@ def convolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: _Geo
     return _Convolution.apply(x, w, b, geo, (ex, ew, eb))
 
 
+def _graph_task() -> int:
+    return torch._C._current_graph_task_id()
+
+
 class _Convolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: _Geometry,
                 edges: tuple[GradientEdge | None, ...]) -> torch.Tensor:
         ctx.save_for_backward(x, w)
         ctx.geo, ctx.edges = geo, edges
+        ctx.last_task = None  # the backward that last ran this node
+        ctx.pending = None  # (task, g_out, x): a weight gradient left here by this backward's double-backward node
         return geo.convolve(x, w, b)
 
     @staticmethod
     def backward(ctx: Any, g_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w = ctx.saved_tensors
+        geo: _Geometry = ctx.geo
         mask = tuple(_needed(e) for e in ctx.edges)
-        grads = _ConvolutionBackward.apply(g_out, x, w, ctx.geo, mask) if any(mask) else (None, None, None)
+        task, pending = _graph_task(), ctx.pending
+        ctx.last_task, ctx.pending = task, None
+        if pending is not None and pending[0] == task:
+            _, g_left, x_left = pending
+            d_x, _, d_b = geo.backward(g_out, x, w, (mask[0], False, mask[2])) if mask[0] or mask[2] else (None,) * 3
+            d_w = geo.backward(torch.cat([g_out, g_left]), torch.cat([x, x_left]), w, (False, True, False))[1]
+            return d_x, d_w, d_b, None, None
+        grads = (_ConvolutionBackward.apply(g_out, x, w, geo, mask, weakref.ref(ctx)) if any(mask)
+                 else (None, None, None))
         return (*grads, None, None)
 
 
 class _ConvolutionBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, g_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, geo: _Geometry, mask: Mask
-                ) -> tuple[torch.Tensor | None, ...]:
+    def forward(ctx: Any, g_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, geo: _Geometry, mask: Mask,
+                forward_node: weakref.ref | None = None) -> tuple[torch.Tensor | None, ...]:
         ctx.save_for_backward(g_out, x, w)
-        ctx.geo = geo
+        ctx.geo, ctx.forward_node = geo, forward_node
         return geo.backward(g_out, x, w, mask)
+
+    @staticmethod
+    def _leave_weight_gradient(ctx: Any, gg_x: torch.Tensor, g_out: torch.Tensor) -> bool:
+        """Leave ``<g_out, conv(gg_x, w)>``'s weight gradient to the forward's node, if it will take its own in
+        this backward and no graph is built; whether it was left."""
+        node = ctx.forward_node() if ctx.forward_node is not None else None
+        if node is None or torch.is_grad_enabled() or g_out[0, 0].numel() > FUSE_AT_MOST:
+            return False
+        task = _graph_task()
+        if node.last_task == task or not torch._C._will_engine_execute_node(node) or not _needed(node.edges[1]):
+            return False
+        node.pending = (task, g_out, gg_x)
+        return True
 
     @staticmethod
     def backward(ctx: Any, gg_x: torch.Tensor | None, gg_w: torch.Tensor | None, gg_b: torch.Tensor | None
@@ -109,9 +145,10 @@ class _ConvolutionBackward(torch.autograd.Function):
             d_g = sum(terms[1:], terms[0]) if terms else None
         if need_x and gg_w is not None:  # <gg_w, d w(g_out, x)> = <g_out, conv(x, gg_w)>
             d_x = _ConvolutionBackward.apply(g_out, x, gg_w, geo, (True, False, False))[0]
-        if need_w and gg_x is not None:  # <gg_x, d x(g_out, w)> = <g_out, conv(gg_x, w)>
+        if need_w and gg_x is not None and not _ConvolutionBackward._leave_weight_gradient(ctx, gg_x, g_out):
+            # <gg_x, d x(g_out, w)> = <g_out, conv(gg_x, w)>
             d_w = _ConvolutionBackward.apply(g_out, gg_x, w, geo, (False, True, False))[1]
-        return d_g, d_x, d_w, None, None
+        return d_g, d_x, d_w, None, None, None
 
 
 def _ints(value: int | Sequence[int], dims: int) -> list[int]:
