@@ -193,3 +193,23 @@ def test_gradient_with_a_graph_equals_the_gradient_without(fuse_all):
 def test_unknown_double_backward_is_refused():
     with pytest.raises(UserError, match="double_backward"):
         config.load("fmnist-gradnorm", ["double_backward=fast"])
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_objective_backward_skips_the_images_gradient(method):
+    """``Objective.backward`` fills the parameters' gradients as ``loss.backward()`` does, and no convolution's
+    input gradient beyond what the parameters need (the first convolution's)."""
+    model, x, y = step_model("cnn-small")
+    objective = objectives.create(method, model, **CASES[method])
+    grads = {}
+    for name, run_backward in {"plain": lambda loss: loss.backward(), "objective": objective.backward}.items():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = objective(x, y)["loss"]
+        with _ConvolutionMasks() as kernels:
+            run_backward(loss)
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+        input_gradients = sum(m[0] for m in kernels.masks if m[1])  # the forward nodes' (with their weights')
+        assert input_gradients == (3 if name == "plain" else 2)
+    for a, b in zip(grads["plain"], grads["objective"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())

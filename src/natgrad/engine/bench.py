@@ -242,7 +242,7 @@ class MethodStep:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
         with autocast:
             loss = self.objective(x, y, epoch_fraction=self.epoch_fraction)["loss"]
-        loss.backward()
+        self.objective.backward(loss)
         if self.clip_grad:
             dispatch_clip_grad(self.model.parameters(), self.clip_grad, mode="norm")
         self.optimizer.step()

@@ -437,7 +437,7 @@ def _train_step(run: _Run, micro: list[tuple[torch.Tensor, torch.Tensor]], epoch
                 fault = "loss"
                 break
             # DDP averages over processes: the weight makes the sum the global batch's mean
-            (loss * (n * ctx.world / cfg.batch_size)).backward()
+            run.objective.backward(loss * (n * ctx.world / cfg.batch_size))
         for k, v in [*result.items(), ("loss", loss.item())]:
             if isinstance(v, float):
                 means[k] = means.get(k, 0.0) + v * n / n_local

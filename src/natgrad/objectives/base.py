@@ -35,5 +35,14 @@ class Objective:
         parameter gradients over processes."""
         self.loss_model = wrapped
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` into the trainable parameters only: the images whose input gradient the loss took
+        need no gradient of their own (their first convolution's input gradient is skipped)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if params:
+            loss.backward(inputs=params)
+        else:
+            loss.backward()
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch_fraction: float = 0.0) -> dict:
         raise NotImplementedError
