@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import STEP_MODELS, step_model
-from natgrad import config, convolution, models, objectives
-from natgrad.convolution import native_double_backward
+from natgrad import config, models, objectives
+from natgrad.double_backward import convolution, native_double_backward
 from natgrad.errors import UserError
 from natgrad.gradients import input_gradient
 

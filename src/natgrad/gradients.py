@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from natgrad.choices import DoubleBackward
-from natgrad.convolution import native_double_backward
+from natgrad.double_backward import native_double_backward
 from natgrad.errors import UserError
 from natgrad.losses import per_sample_ce
 
@@ -48,7 +48,7 @@ def loss_and_gradient(loss_fn: LossFn, x: torch.Tensor, create_graph: bool = Fal
 
     ``math_kernel`` selects scaled-dot-product attention's math kernel: the fused kernels have no double
     backward (a no-op for models without attention). With ``create_graph``, ``double_backward="natgrad"`` runs
-    the convolutions through :func:`natgrad.convolution.native_double_backward` (same values, faster).
+    the convolutions through :func:`natgrad.double_backward.native_double_backward` (same values, faster).
     """
     x = x.detach().requires_grad_(True)
     kernels = native_double_backward() if create_graph and double_backward == "natgrad" else contextlib.nullcontext()

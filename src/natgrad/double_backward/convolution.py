@@ -3,9 +3,10 @@
 Autograd differentiates a convolution's input gradient (``ConvolutionBackwardBackward0``) by convolving
 transposed, batch-as-channel tensors, on this CPU slower than the weight-gradient kernel that
 ``convolution_backward`` has for the same product (docs/RESULTS.md, issue 19). Inside
-:func:`native_double_backward` every ``conv1d``/``conv2d``/``conv3d`` call runs through :class:`_Convolution`,
-whose backward is :class:`_ConvolutionBackward`, whose backward is again a convolution and a
-``convolution_backward``: the same values by the kernels a PGD step uses, differentiable to any order.
+:func:`natgrad.double_backward.native_double_backward` every ``conv1d``/``conv2d``/``conv3d`` call runs
+through :class:`_Convolution`, whose backward is :class:`_ConvolutionBackward`, whose backward is again a
+convolution and a ``convolution_backward``: the same values by the kernels a PGD step uses, differentiable to
+any order.
 
 A double backward takes two weight gradients per convolution: one of its input gradient (in the double backward's
 node) and one of the convolution itself (in the forward's node, which the engine runs later). Where a backward
@@ -16,16 +17,14 @@ as fast at 4x4, slower from 8x8 (docs/RESULTS.md, issue 19).
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.overrides import TorchFunctionMode
 
 _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -155,26 +154,20 @@ def _ints(value: int | Sequence[int], dims: int) -> list[int]:
     return [value] * dims if isinstance(value, int) else list(value)
 
 
-class _NativeDoubleBackward(TorchFunctionMode):
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        dims = _DIMS.get(func)
-        if dims is None or not torch.is_grad_enabled():
-            return func(*args, **kwargs)
-        given = dict(zip(_ARGS, args), **kwargs)
-        x, w, b, padding = given["input"], given["weight"], given.get("bias"), given.get("padding", 0)
-        if isinstance(padding, str) or x.dim() != dims + 2:  # "same"/"valid" or unbatched: autograd's own way
-            return func(*args, **kwargs)
-        if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, so that the saved tensors match
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
-        geo = _Geometry(_ints(given.get("stride", 1), dims), _ints(padding, dims),
-                        _ints(given.get("dilation", 1), dims), int(given.get("groups", 1)))
-        return convolve(x, w, b, geo)
+def route(func: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``func(*args, **kwargs)`` (``F.conv1d/2d/3d``) through :class:`_Convolution`, or None where autograd's own
+    convolution is left to run (string padding, unbatched input)."""
+    dims = _DIMS[func]
+    given = dict(zip(_ARGS, args), **kwargs)
+    x, w, b, padding = given["input"], given["weight"], given.get("bias"), given.get("padding", 0)
+    if isinstance(padding, str) or x.dim() != dims + 2:
+        return None
+    if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, so that the saved tensors match
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+    geo = _Geometry(_ints(given.get("stride", 1), dims), _ints(padding, dims),
+                    _ints(given.get("dilation", 1), dims), int(given.get("groups", 1)))
+    return convolve(x, w, b, geo)
 
 
-@contextlib.contextmanager
-def native_double_backward() -> Iterator[None]:
-    """Run the block's convolutions through functions whose double backward uses the convolution kernels."""
-    with _NativeDoubleBackward():
-        yield
+FUNCTIONS = tuple(_DIMS)  # what :func:`route` takes
