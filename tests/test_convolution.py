@@ -72,10 +72,11 @@ def test_training_step_equals_autograds(method, model_name):
         torch.testing.assert_close(gn, ga, rtol=1e-4, atol=1e-5 * ga.abs().max().item() + 1e-8)
 
 
-def test_bf16_autocast_step_is_close_to_autograds():
+@pytest.mark.parametrize("name, channels, size", [("resnet10t", 3, 32), ("cnn-small", 1, 28)])  # ReLU; GELU
+def test_bf16_autocast_step_is_close_to_autograds(name, channels, size):
     torch.manual_seed(0)
-    model = models.create("resnet10t", 10, 3, train_mode="eval")
-    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    model = models.create(name, 10, channels, train_mode="eval")
+    x, y = torch.rand(8, channels, size, size), torch.randint(0, 10, (8,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_a, grads_a = _step("gradnorm", model, x, y, "autograd", eps=8 / 255)
         loss_n, grads_n = _step("gradnorm", model, x, y, "natgrad", eps=8 / 255)
