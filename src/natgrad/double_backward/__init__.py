@@ -1,8 +1,9 @@
 """Double backprop on the kernels ordinary training uses (``double_backward=natgrad``, the default).
 
-:func:`native_double_backward` routes the block's convolutions (:mod:`.convolution`) and GELUs
-(:mod:`.activation`) through autograd functions whose second derivatives are the same values as autograd's,
-computed faster; everything else, and every call made without grad mode, runs as usual.
+:func:`native_double_backward` routes the block's convolutions (:mod:`.convolution`), GELUs
+(:mod:`.activation`), LayerNorms and training-mode BatchNorms (:mod:`.normalization`) through autograd
+functions whose second derivatives are the same values as autograd's, computed faster; everything else, and
+every call made without grad mode, runs as usual.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from natgrad.double_backward import activation, convolution
+from natgrad.double_backward import activation, convolution, normalization
 
-_ROUTES = {func: module.route for module in (convolution, activation) for func in module.FUNCTIONS}
+_ROUTES = {func: module.route for module in (convolution, activation, normalization) for func in module.FUNCTIONS}
 
 
 class _NativeDoubleBackward(TorchFunctionMode):
@@ -32,6 +33,7 @@ class _NativeDoubleBackward(TorchFunctionMode):
 
 @contextlib.contextmanager
 def native_double_backward() -> Iterator[None]:
-    """Run the block's convolutions and GELUs through functions whose double backward is faster than autograd's."""
+    """Run the block's convolutions, GELUs and normalizations through functions whose double backward is faster
+    than autograd's."""
     with _NativeDoubleBackward():
         yield

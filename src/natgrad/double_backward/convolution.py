@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge
+
+from natgrad.double_backward.graph import Mask, needed, tracked
 
 _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-Mask = tuple[bool, bool, bool]  # which of (input, weight, bias) gradients to compute
 FUSE_AT_MOST = 16  # output positions up to which a double backward's two weight gradients share one call
 
 
@@ -51,26 +52,9 @@ class _Geometry:
                                                    self.groups, list(mask))
 
 
-def _tracked(t: torch.Tensor) -> tuple[torch.Tensor, GradientEdge | None]:
-    """``t`` (behind a view if it is a leaf: the engine tells :func:`_needed` about non-leaf nodes only) and its
-    gradient edge, or None where ``t`` takes no gradient."""
-    if not t.requires_grad:
-        return t, None
-    if t.grad_fn is None:
-        t = t.view_as(t)
-    return t, get_gradient_edge(t)
-
-
-def _needed(edge: GradientEdge | None) -> bool:
-    """Whether the running backward uses a gradient along ``edge``: ``torch.autograd.grad(..., inputs)`` prunes
-    the others, and unlike autograd's own nodes a custom function is not told which."""
-    return edge is not None and torch._C._will_engine_execute_node(edge.node)
-
-
 def convolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: _Geometry) -> torch.Tensor:
     """``geo``'s convolution of ``x`` with ``w`` (and bias ``b``) through :class:`_Convolution`."""
-    (x, ex), (w, ew) = _tracked(x), _tracked(w)
-    b, eb = (None, None) if b is None else _tracked(b)
+    (x, ex), (w, ew), (b, eb) = tracked(x), tracked(w), tracked(b)
     return _Convolution.apply(x, w, b, geo, (ex, ew, eb))
 
 
@@ -92,7 +76,7 @@ class _Convolution(torch.autograd.Function):
     def backward(ctx: Any, g_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w = ctx.saved_tensors
         geo: _Geometry = ctx.geo
-        mask = tuple(_needed(e) for e in ctx.edges)
+        mask = tuple(needed(e) for e in ctx.edges)
         task, pending = _graph_task(), ctx.pending
         ctx.last_task, ctx.pending = task, None
         if pending is not None and pending[0] == task:
@@ -121,7 +105,7 @@ class _ConvolutionBackward(torch.autograd.Function):
         if node is None or torch.is_grad_enabled() or g_out[0, 0].numel() > FUSE_AT_MOST:
             return False
         task = _graph_task()
-        if node.last_task == task or not torch._C._will_engine_execute_node(node) or not _needed(node.edges[1]):
+        if node.last_task == task or not torch._C._will_engine_execute_node(node) or not needed(node.edges[1]):
             return False
         node.pending = (task, g_out, gg_x)
         return True
