@@ -1,9 +1,10 @@
-"""One GradNorm step (objective forward and backward, no optimizer), interleaved in one process: three parts
-of double_backward=natgrad off, each alone, and all on (docs/RESULTS.md, issue 19).
+"""One GradNorm step (objective forward and backward, no optimizer), interleaved in one process: parts of
+double_backward=natgrad off, each alone, and all on (docs/RESULTS.md, issue 19).
 
-Usage: python scripts/double_backward_ablation.py cnn-small|resnet18
+Usage: python scripts/double_backward_ablation.py cnn-small|resnet18|resnet18-train|swin-tiny
 
-It switches natgrad internals (the fusion threshold, the GELU route) for the measurement only.
+It switches natgrad internals (the fusion threshold, the GELU and normalization routes) for the measurement
+only.
 """
 import random
 import statistics
@@ -22,20 +23,29 @@ torch.manual_seed(0)
 if name == "cnn-small":
     model = models.create("cnn-small", 10, 1)
     x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
+elif name == "swin-tiny":
+    model = models.create("swin_tiny_patch4_window7_224", 10, 3, img_size=56)
+    x, y = torch.rand(16, 3, 56, 56), torch.randint(0, 10, (16,))
 else:
-    model = models.create("resnet18", 10, 3, act="gelu", train_mode="eval")
+    model = models.create("resnet18", 10, 3, act="gelu", train_mode="train" if name == "resnet18-train" else "eval")
     x, y = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
 objective = objectives.create("gradnorm", model, eps=8 / 255)
-gelu_route = db._ROUTES[F.gelu]
+routes = dict(db._ROUTES)
 threshold = convolution.FUSE_AT_MOST
 
 
-def step(fuse: bool, parameters_only: bool, gelu: bool) -> None:
+def route(funcs: tuple, on: bool) -> None:
+    for func in funcs:
+        if on:
+            db._ROUTES[func] = routes[func]
+        else:
+            db._ROUTES.pop(func, None)
+
+
+def step(fuse: bool, parameters_only: bool, gelu: bool, norms: bool) -> None:
     convolution.FUSE_AT_MOST = threshold if fuse else 0
-    if gelu:
-        db._ROUTES[F.gelu] = gelu_route
-    else:
-        db._ROUTES.pop(F.gelu, None)
+    route((F.gelu,), gelu)
+    route((F.layer_norm, F.batch_norm), norms)
     model.zero_grad(set_to_none=True)
     loss = objective(x, y)["loss"]
     if parameters_only:
@@ -44,9 +54,9 @@ def step(fuse: bool, parameters_only: bool, gelu: bool) -> None:
         loss.backward()
 
 
-variants = {"none": (False, False, False), "fused weight gradients": (True, False, False),
-            "backward into parameters": (False, True, False), "GELU": (False, False, True),
-            "all three": (True, True, True)}
+variants = {"none": (False, False, False, False), "fused weight gradients": (True, False, False, False),
+            "backward into parameters": (False, True, False, False), "GELU": (False, False, True, False),
+            "normalizations": (False, False, False, True), "all four": (True, True, True, True)}
 times: dict[str, list[float]] = {k: [] for k in variants}
 random.seed(0)
 for r in range(16):
