@@ -3,6 +3,7 @@
 import json
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,11 @@ def test_json_holds_the_contract(result):
         assert m["relative_to_pgd_paper"] == m["seconds_per_step"] / result["methods"]["pgd-paper"]["seconds_per_step"]
         assert m["peak_memory_bytes"] is None or m["peak_memory_bytes"] >= 0
     assert result["methods"]["pgd"]["relative_to_pgd"] == 1.0
+    pgd_all = np.array(result["methods"]["pgd"]["seconds_all"])
+    for m in result["methods"].values():  # the quartiles of the per-round ratio (rounds interleave the methods)
+        ratios = np.array(m["seconds_all"]) / pgd_all
+        np.testing.assert_allclose(m["relative_to_pgd_iqr"], np.percentile(ratios, [25, 75], method="weibull"))
+    assert result["methods"]["pgd"]["relative_to_pgd_iqr"] == [1.0, 1.0]
     flops = {name: m["flops"] for name, m in result["methods"].items()}
     for name, m in result["methods"].items():
         assert m["flops_relative_to_pgd"] == flops[name] / flops["pgd"]

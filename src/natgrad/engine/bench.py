@@ -345,9 +345,20 @@ def _check_input(model: nn.Module, x: torch.Tensor, name: str) -> None:
         model.train()
 
 
+def round_ratio_quartiles(seconds: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """The first and third quartiles of a method's time over the reference method's in the same round
+    (interleaved rounds: the machine's drift cancels within one), as ``statistics.quantiles`` takes them."""
+    ratios = [s / r for s, r in zip(seconds, reference, strict=True)]
+    if len(ratios) < 2:
+        return [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return [q1, q3]
+
+
 def run_bench(settings: BenchSettings) -> dict:
     """Measure every method of ``settings``; returns the JSON-ready result (``methods``: per method, its
-    ``seconds_per_step``, ``passes``, ``peak_memory_bytes``, ``relative_to_pgd`` and ``flops``)."""
+    ``seconds_per_step``, ``passes``, ``peak_memory_bytes``, ``relative_to_pgd`` (and the quartiles of its
+    per-round ratio, ``relative_to_pgd_iqr``) and ``flops``)."""
     _check_counts(settings)
     methods = parse_methods(settings.methods)
     cfg = bench_config(settings)
@@ -398,17 +409,24 @@ def run_bench(settings: BenchSettings) -> dict:
         "methods": {name: {
             "seconds_per_step": medians[name], "seconds_all": seconds[name], "passes": passes[name],
             "peak_memory_bytes": memory[name], "relative_to_pgd": None if pgd is None else medians[name] / pgd,
+            "relative_to_pgd_iqr": None if pgd is None else round_ratio_quartiles(seconds[name], seconds["pgd"]),
             "relative_to_pgd_paper": None if paper is None else medians[name] / paper,
             "flops": flops[name], "flops_relative_to_pgd": None if "pgd" not in flops else flops[name] / flops["pgd"],
         } for name in methods},
     }
 
 
+def _ratio_cell(ratio: float | None, quartiles: Sequence[float] | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.3f}" + ("" if quartiles is None else f" ({quartiles[0]:.3f}-{quartiles[1]:.3f})")
+
+
 def format_bench(result: dict) -> str:
-    """The result as a terminal table: method, s/step, ratio to PGD-k and to the paper's PGD-k, passes, conv/matmul
-    work, peak memory."""
+    """The result as a terminal table: method, s/step, ratio to PGD-k (with the quartiles of its per-round ratio)
+    and to the paper's PGD-k, passes, conv/matmul work, peak memory."""
     pgd_label = f"PGD-{result['pgd_steps']}"
-    header = ("method", "s/step", f"vs {pgd_label}", "vs pgd-paper", "passes", "GFLOP", f"vs {pgd_label}", "peak MB")
+    header = ("method", "s/step", f"vs {pgd_label} (rounds' IQR)", "vs pgd-paper", "passes", "GFLOP", f"vs {pgd_label}", "peak MB")
     rows = [header]
     for name, m in result["methods"].items():
         p = m["passes"]
@@ -417,7 +435,7 @@ def format_bench(result: dict) -> str:
         rows.append((
             f"{name} ({pgd_label})" if name == "pgd" else name,
             f"{m['seconds_per_step']:.4f}",
-            "-" if m["relative_to_pgd"] is None else f"{m['relative_to_pgd']:.3f}",
+            _ratio_cell(m["relative_to_pgd"], m.get("relative_to_pgd_iqr")),
             "-" if m.get("relative_to_pgd_paper") is None else f"{m['relative_to_pgd_paper']:.3f}",
             passes,
             f"{m['flops'] / 1e9:.2f}",
