@@ -426,7 +426,8 @@ def format_bench(result: dict) -> str:
     """The result as a terminal table: method, s/step, ratio to PGD-k (with the quartiles of its per-round ratio)
     and to the paper's PGD-k, passes, conv/matmul work, peak memory."""
     pgd_label = f"PGD-{result['pgd_steps']}"
-    header = ("method", "s/step", f"vs {pgd_label} (rounds' IQR)", "vs pgd-paper", "passes", "GFLOP", f"vs {pgd_label}", "peak MB")
+    header = ("method", "s/step", f"vs {pgd_label} (rounds' IQR)", "vs pgd-paper", "passes", "GFLOP",
+              f"vs {pgd_label}", "peak MB")
     rows = [header]
     for name, m in result["methods"].items():
         p = m["passes"]
