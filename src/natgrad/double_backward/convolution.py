@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge
 
-from natgrad.double_backward.graph import Mask, needed, tracked
+from natgrad.double_backward.graph import Mask, needed, summed, tracked
 
 _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -118,14 +118,9 @@ class _ConvolutionBackward(torch.autograd.Function):
         need_g, need_x, need_w = ctx.needs_input_grad[:3]
         d_g = d_x = d_w = None
         if need_g:  # the outputs are linear in g_out: d/d g_out of <gg_x, d x> + <gg_w, d w> + <gg_b, d b>
-            terms = []
-            if gg_x is not None:
-                terms.append(convolve(gg_x, w, None, geo))
-            if gg_w is not None:
-                terms.append(convolve(x, gg_w, None, geo))
-            if gg_b is not None:
-                terms.append(gg_b.view(1, -1, *[1] * (g_out.dim() - 2)).expand_as(g_out))
-            d_g = sum(terms[1:], terms[0]) if terms else None
+            d_g = summed(None if gg_x is None else convolve(gg_x, w, None, geo),
+                         None if gg_w is None else convolve(x, gg_w, None, geo),
+                         None if gg_b is None else gg_b.view(1, -1, *[1] * (g_out.dim() - 2)).expand_as(g_out))
         if need_x and gg_w is not None:  # <gg_w, d w(g_out, x)> = <g_out, conv(x, gg_w)>
             d_x = _ConvolutionBackward.apply(g_out, x, gg_w, geo, (True, False, False))[0]
         if need_w and gg_x is not None and not _ConvolutionBackward._leave_weight_gradient(ctx, gg_x, g_out):

@@ -26,3 +26,9 @@ def needed(edge: GradientEdge | None) -> bool:
     ``backward(inputs=...)`` prune the others, and unlike autograd's own nodes a custom function is not told
     which."""
     return edge is not None and torch._C._will_engine_execute_node(edge.node)
+
+
+def summed(*terms: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of the terms that are not None (a gradient's contributions), or None if all are."""
+    present = [t for t in terms if t is not None]
+    return sum(present[1:], present[0]) if present else None

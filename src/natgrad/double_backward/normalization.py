@@ -26,7 +26,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from natgrad.double_backward.graph import Mask, needed, tracked
+from natgrad.double_backward.graph import Mask, needed, summed, tracked
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,16 @@ class _NormalizeBackward(torch.autograd.Function):
         def total(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return (u * v).sum(dims, keepdim=True)
 
+        weight = None if w is None else norm.per_channel(w, x)
+        h = g if weight is None else g * weight
         if torch.is_grad_enabled():  # to be differentiated again: the statistics and P by differentiable operations
-            mean_b = x.mean(dims, keepdim=True)
             rstd_b = (x.var(dims, unbiased=False, keepdim=True) + norm.eps).rsqrt()
-            xh = (x - mean_b) * rstd_b
+            xh = (x - x.mean(dims, keepdim=True)) * rstd_b
 
             def scaled_projection(v: torch.Tensor) -> torch.Tensor:  # rstd * P v
                 return rstd_b * (v - v.mean(dims, keepdim=True) - xh * total(v, xh) / n)
+
+            dx = scaled_projection(h)
         else:  # the normalization's own backward kernel, with no weight
             rstd_b = norm.per_channel(rstd, x)
             xh = (x - norm.per_channel(mean, x)).mul_(rstd_b)
@@ -114,24 +117,19 @@ class _NormalizeBackward(torch.autograd.Function):
             def scaled_projection(v: torch.Tensor) -> torch.Tensor:
                 return cast(torch.Tensor, norm.backward(v, x, None, None, mean, rstd, (True, False, False))[0])
 
-        weight = None if w is None else norm.per_channel(w, x)
-        h = g if weight is None else g * weight
-        if torch.is_grad_enabled():
-            dx = scaled_projection(h)
         q = None if a is None else scaled_projection(a)
         c_b = None if c is None else norm.per_channel(c, x)
         d_g = d_x = d_w = None
         if need_g:
-            terms = [t for t in (None if q is None else q if weight is None else q * weight,
-                                 None if c_b is None else xh * c_b,
-                                 None if e is None else norm.per_channel(e, x).expand_as(x)) if t is not None]
-            d_g = sum(terms[1:], terms[0]) if terms else None
+            d_g = summed(None if q is None else q if weight is None else q * weight,
+                         None if c_b is None else xh * c_b,
+                         None if e is None else norm.per_channel(e, x).expand_as(x))
         if need_x:
-            parts = [] if c_b is None else [scaled_projection(g * c_b)]
+            inner = None
             if a is not None and q is not None:
                 inner = torch.addcmul(torch.addcmul(xh * total(a, dx), q, total(h, xh)), dx, total(a, xh))
-                parts.append(inner * (rstd_b * (-1 / n)))
-            d_x = sum(parts[1:], parts[0]) if parts else None
+                inner = inner * (rstd_b * (-1 / n))
+            d_x = summed(None if c_b is None else scaled_projection(g * c_b), inner)
         if need_w and q is not None:
             d_w = (g * q).sum(norm.weight_dims(x))
         return d_g, d_x, d_w, None, None, None, None, None
@@ -140,8 +138,8 @@ class _NormalizeBackward(torch.autograd.Function):
 @cache
 def _autocast_dtype(func: Callable[..., torch.Tensor], device: str, dtype: torch.dtype,
                     autocast: torch.dtype) -> torch.dtype:
-    """The dtype ``func`` computes in for an input of ``dtype`` under the active autocast (CUDA's casts
-    LayerNorm to float32, the CPU's does not)."""
+    """The dtype ``func`` computes in for an input of ``dtype`` under the active autocast of dtype ``autocast``
+    (a cache key only; CUDA's casts LayerNorm to float32, the CPU's does not)."""
     probe = torch.ones(2, 2, 2, device=device, dtype=dtype)
     with torch.no_grad():
         if func is F.layer_norm:
