@@ -11,7 +11,7 @@ dims for LayerNorm, a channel for BatchNorm), with ``xh = (x - mean) * rstd``, `
     d_x      = rstd * P (g * c) - rstd / N * (xh * <a, dx> + <h, xh> * q + <a, xh> * dx)
 
 (``<,>`` summed within each group), where ``rstd * P v`` is the normalization's own backward kernel with no
-weight. About half autograd's time on this CPU (docs/RESULTS.md, issue 19). A backward that builds a graph
+weight. 0.4-0.75 of autograd's time on this CPU (docs/RESULTS.md, issue 19). A backward that builds a graph
 (third derivatives) takes the statistics and ``P`` by differentiable operations instead of the kernel.
 """
 
