@@ -7,6 +7,7 @@ model is made one way everywhere.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
@@ -112,11 +113,20 @@ def build_objective(cfg: RunConfig, model: nn.Module) -> objectives.Objective:
     return objectives.create(cfg.method, model, compile=cfg.compile, **objective_params(cfg))
 
 
+def has_fused(name: str) -> bool:
+    """Whether timm's optimizer ``name`` is a PyTorch optimizer with a fused implementation (one kernel
+    updates every parameter; the same update as the per-tensor loop, to float rounding)."""
+    cls = get_optimizer_info(name).opt_class  # a string for the ones imported on use (apex, bitsandbytes)
+    return isinstance(cls, type) and "fused" in inspect.signature(cls).parameters
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """timm's optimizer as configured (``optim.name``, lr, weight decay, eps, momentum)."""
+    """timm's optimizer as configured (``optim.name``, lr, weight decay, eps, momentum), fused where
+    ``optim.fused`` asks for it and the optimizer has a fused form. Build it after the model is on its device."""
     o = cfg.optim
+    kwargs: dict[str, Any] = {"fused": True} if o.fused and has_fused(o.name) else {}
     return create_optimizer_v2(model, opt=o.name, lr=cfg.lr, weight_decay=o.weight_decay, eps=o.opt_eps,
-                               momentum=o.momentum)
+                               momentum=o.momentum, **kwargs)
 
 
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> CosineLRScheduler | None:

@@ -107,6 +107,7 @@ class OptimConfig:
     opt_eps: float = 1.0e-8
     momentum: float = 0.9
     clip_grad: float | None = None  # max gradient norm
+    fused: bool = True  # PyTorch's fused update where the optimizer has one (adam, adamw, sgd, ...); false: per tensor
     sched: str = "cosine"
     warmup_epochs: float = 0.0
     warmup_lr: float = 1.0e-6
