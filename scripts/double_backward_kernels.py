@@ -1,13 +1,17 @@
 """Per-layer timings behind natgrad.double_backward (docs/RESULTS.md, issue 19), this machine, one process.
 
-Usage: python scripts/double_backward_kernels.py
+Usage: python scripts/double_backward_kernels.py [PART ...]    (default: 1 2 3 4)
 
 1. resnet18 (32x32, batch 64): each convolution's two weight gradients as two calls against one call on the
    two batches stacked (the cat included), per output map size.
 2. GELU at 128x64x14x14: autograd's double backward of ``gelu_backward`` against natgrad's.
 3. LayerNorm and training-mode BatchNorm: the second backward of one normalization, autograd against natgrad.
+4. Each distinct convolution of timm's resnet18 and natgrad's preact-resnet18 at 32x32, batch 64: the forward, the
+   input gradient and the weight gradient of ``aten.convolution_backward`` (the kernels every method runs), and
+   the weight gradient as an im2col matrix product, per output map size.
 """
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,6 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from natgrad import models
 from natgrad.double_backward import native_double_backward
 
 torch.manual_seed(0)
@@ -43,14 +48,20 @@ def _two_and_one(conv: torch.nn.Conv2d, in_shape: torch.Size, out_shape: torch.S
             median_ms(lambda: wgrad(torch.cat([g1, g2]), torch.cat([x1, x2]))))
 
 
-def weight_gradients() -> None:
-    model = timm.create_model("resnet18", num_classes=10)
+def _convolutions(model: torch.nn.Module) -> list[tuple[torch.nn.Conv2d, torch.Size, torch.Size]]:
+    """Each convolution of ``model`` on a batch of 64 32x32 images, with its input and output shapes."""
     layers = []
     hooks = [m.register_forward_hook(lambda m, i, o: layers.append((m, i[0].shape, o.shape)))
              for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    model(torch.randn(64, 3, 32, 32))
+    with torch.no_grad():
+        model(torch.randn(64, 3, 32, 32))
     for h in hooks:
         h.remove()
+    return layers
+
+
+def weight_gradients() -> None:
+    layers = _convolutions(timm.create_model("resnet18", num_classes=10))
     by_size: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for conv, in_shape, out_shape in layers:
         by_size[f"{out_shape[2]}x{out_shape[3]}"].append(_two_and_one(conv, in_shape, out_shape))
@@ -102,6 +113,43 @@ def normalizations() -> None:
         print(f"   {kind} {shape}: {1e3 * autograd:.2f} / {1e3 * natgrad:.2f} ({natgrad / autograd:.2f})")
 
 
-weight_gradients()
-gelu()
-normalizations()
+def _kernels(conv: torch.nn.Conv2d, in_shape: torch.Size, out_shape: torch.Size) -> dict[str, float]:
+    w, x, g = conv.weight.detach(), torch.randn(in_shape), torch.randn(out_shape)
+
+    def backward(mask: list[bool]) -> object:
+        return torch.ops.aten.convolution_backward(g, x, w, None, list(conv.stride), list(conv.padding),
+                                                   list(conv.dilation), False, [0, 0], conv.groups, mask)
+
+    def im2col() -> torch.Tensor:  # sum over images and positions of g (C_out) x unfolded input (C_in k k)
+        cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        return (g.flatten(2).transpose(0, 1).flatten(1) @ cols.transpose(0, 1).flatten(1).t()).view_as(w)
+
+    reference = backward([False, True, False])[1]
+    assert (im2col() - reference).abs().max() <= 1e-4 * reference.abs().max()
+    return {"forward": median_ms(lambda: F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation)),
+            "input": median_ms(lambda: backward([True, False, False])),
+            "weight": median_ms(lambda: backward([False, True, False])), "im2col": median_ms(im2col)}
+
+
+def convolution_kernels() -> None:
+    print("4. per convolution at 32x32, batch 64 (ms): forward, input gradient, weight gradient, weight by im2col")
+    for name in ("resnet18", "preact-resnet18"):
+        timings: dict[tuple, dict[str, float]] = {}
+        counts: dict[tuple, int] = defaultdict(int)
+        for conv, in_shape, out_shape in _convolutions(models.create(name, 10, 3, act="gelu")):
+            key = (tuple(conv.weight.shape), tuple(out_shape[2:]), conv.stride)
+            counts[key] += 1
+            if key not in timings:
+                timings[key] = _kernels(conv, in_shape, out_shape)
+        print(f"   {name}:")
+        for key, t in timings.items():
+            print(f"   {'x'.join(map(str, key[0]))} at {key[1][0]}x{key[1][1]} (x{counts[key]}): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+        totals = {k: sum(counts[key] * t[k] for key, t in timings.items()) for k in ("forward", "input", "weight",
+                                                                                      "im2col")}
+        print(f"   {name} all layers: " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items()))
+
+
+PARTS = {"1": weight_gradients, "2": gelu, "3": normalizations, "4": convolution_kernels}
+for part in sys.argv[1:] or PARTS:
+    PARTS[part]()
