@@ -1,5 +1,5 @@
 """One GradNorm step (objective forward and backward, no optimizer), interleaved in one process: parts of
-double_backward=natgrad off, each alone, and all on (docs/RESULTS.md, issue 19).
+double_backward=natgrad off, each alone, and all on, and double_backward=autograd (docs/RESULTS.md, issue 19).
 
 Usage: python scripts/double_backward_ablation.py cnn-small|resnet18|resnet18-train|swin-tiny
 
@@ -30,8 +30,9 @@ else:
     model = models.create("resnet18", 10, 3, act="gelu", train_mode="train" if name == "resnet18-train" else "eval")
     x, y = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
 objective = objectives.create("gradnorm", model, eps=8 / 255)
+reference = objectives.create("gradnorm", model, eps=8 / 255, double_backward="autograd")
 routes = dict(db._ROUTES)
-threshold = convolution.FUSE_AT_MOST
+threshold, matmul_threshold = convolution.FUSE_AT_MOST, convolution.MATMUL_AT_MOST
 
 
 def route(funcs: tuple, on: bool) -> None:
@@ -42,12 +43,14 @@ def route(funcs: tuple, on: bool) -> None:
             db._ROUTES.pop(func, None)
 
 
-def step(fuse: bool, parameters_only: bool, gelu: bool, norms: bool) -> None:
+def step(fuse: bool, parameters_only: bool, gelu: bool, norms: bool, matmul: bool = False,
+         autograd: bool = False) -> None:
     convolution.FUSE_AT_MOST = threshold if fuse else 0
+    convolution.MATMUL_AT_MOST = matmul_threshold if matmul else 0
     route((F.gelu,), gelu)
     route((F.layer_norm, F.batch_norm), norms)
     model.zero_grad(set_to_none=True)
-    loss = objective(x, y)["loss"]
+    loss = (reference if autograd else objective)(x, y)["loss"]
     if parameters_only:
         objective.backward(loss)
     else:
@@ -56,7 +59,10 @@ def step(fuse: bool, parameters_only: bool, gelu: bool, norms: bool) -> None:
 
 variants = {"none": (False, False, False, False), "fused weight gradients": (True, False, False, False),
             "backward into parameters": (False, True, False, False), "GELU": (False, False, True, False),
-            "normalizations": (False, False, False, True), "all four": (True, True, True, True)}
+            "normalizations": (False, False, False, True), "all four": (True, True, True, True),
+            "weight gradients by matmul": (False, False, False, False, True),
+            "all five": (True, True, True, True, True),
+            "autograd (parameters only)": (False, True, False, False, False, True)}
 times: dict[str, list[float]] = {k: [] for k in variants}
 random.seed(0)
 for r in range(16):

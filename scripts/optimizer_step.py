@@ -27,7 +27,7 @@ for name in sys.argv[1:] or ["cnn-small", "resnet18", "preact-resnet18"]:
     foreach = type(loop)([{**g, "foreach": True} for g in loop.param_groups])
     optimizers = {"loop": loop, "foreach": foreach, "fused": fused}
     seconds: dict[str, list[float]] = {k: [] for k in optimizers}
-    for r in range(ROUNDS):
+    for _ in range(ROUNDS):
         for kind, optimizer in optimizers.items():
             optimizer.step()  # its state exists before the timed steps
             start = time.perf_counter()

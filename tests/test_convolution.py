@@ -118,7 +118,10 @@ def _weight_batches(kernels: _ConvolutionMasks) -> list[int]:
     return sorted(b for m, b in zip(kernels.masks, kernels.batches, strict=True) if m[1])
 
 
-def test_small_maps_take_both_weight_gradients_in_one_call():
+def test_each_map_size_takes_its_weight_gradients_in_its_form():
+    """resnet10t at 32x32 has maps of each kind: up to 4 positions the double backward's weight gradient is a
+    matrix product and the convolution's own a kernel call; up to 16 both share one call on the two batches; above,
+    two calls."""
     model, x, y = step_model("resnet10t")
     positions = []
     for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
@@ -126,9 +129,29 @@ def test_small_maps_take_both_weight_gradients_in_one_call():
     _, ce, grad = input_gradient(model, x, y, create_graph=True)
     with _ConvolutionMasks() as final:
         (ce.mean() + grad.abs().sum()).backward()
-    small = sum(p <= convolution.FUSE_AT_MOST for p in positions)
-    assert 0 < small < len(positions)
-    assert _weight_batches(final) == [len(x)] * 2 * (len(positions) - small) + [2 * len(x)] * small
+    tiny = sum(p <= convolution.MATMUL_AT_MOST for p in positions)
+    small = sum(convolution.MATMUL_AT_MOST < p <= convolution.FUSE_AT_MOST for p in positions)
+    large = len(positions) - tiny - small
+    assert tiny > 0 and small > 0 and large > 0
+    assert _weight_batches(final) == [len(x)] * (2 * large + tiny) + [2 * len(x)] * small
+
+
+@pytest.mark.parametrize(("x_shape", "w_shape", "kwargs"), [
+    ((3, 8, 1, 1), (5, 8, 3, 3), {"padding": 1}),  # a 1x1 map, as resnet18's last stage at 32x32
+    ((3, 8, 4, 4), (5, 8, 3, 3), {"padding": 1, "stride": 2}),  # 2x2
+    ((3, 8, 3, 5), (5, 8, 1, 1), {"stride": (2, 3)}),  # a strided 1x1 convolution, 2x2
+    ((3, 4, 6, 6), (6, 4, 3, 2), {"padding": (1, 0), "dilation": (2, 3), "stride": 3}),  # 2x2, uneven kernel
+])
+def test_weight_gradient_by_matmul_equals_the_kernels(x_shape, w_shape, kwargs):
+    torch.manual_seed(0)
+    x, w = torch.randn(x_shape, dtype=torch.float64), torch.randn(w_shape, dtype=torch.float64)
+    out = F.conv2d(x, w, **kwargs)
+    g = torch.randn_like(out)
+    geo = convolution._Geometry(**{k: list(convolution._ints(kwargs.get(k, d), 2))
+                                   for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))}, groups=1)
+    assert geo.by_matmul(g) and out[0, 0].numel() <= convolution.MATMUL_AT_MOST
+    expected = geo.backward(g, x, w, (False, True, False))[1]
+    torch.testing.assert_close(geo.weight_gradient_by_matmul(g, x, w), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.fixture

@@ -10,9 +10,12 @@ any order.
 
 A double backward takes two weight gradients per convolution: one of its input gradient (in the double backward's
 node) and one of the convolution itself (in the forward's node, which the engine runs later). Where a backward
-builds no graph and the output map is small, the first is left on the forward's node and both are taken by one
-kernel call over the two batches stacked: on this CPU up to twice as fast as two calls at 1x1 and 2x2 maps,
-as fast at 4x4, slower from 8x8 (docs/RESULTS.md, issue 19).
+builds no graph the first is taken by the fastest form measured for the output map's size (docs/RESULTS.md,
+issue 19): up to :data:`MATMUL_AT_MOST` positions on a CPU, one matrix product over the unfolded input (on an
+AVX2 CPU the weight-gradient kernel took up to 11 times as long at 1x1 maps); up to :data:`FUSE_AT_MOST`, left
+on the forward's node, which takes both by one kernel call over the two batches stacked (on an AVX-512 CPU up to
+twice as fast as two calls at 1x1 and 2x2 maps, as fast at 4x4, slower from 8x8); larger, its own kernel call.
+The forward's own weight gradient is always the kernel's, as in every other method.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from natgrad.double_backward.graph import Mask, needed, summed, tracked
 _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 FUSE_AT_MOST = 16  # output positions up to which a double backward's two weight gradients share one call
+MATMUL_AT_MOST = 4  # output positions up to which, on a CPU, its own weight gradient is one matrix product
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,18 @@ class _Geometry:
         return torch.ops.aten.convolution_backward(g_out, x, w, [w.shape[0]] if mask[2] else None, self.stride,
                                                    self.padding, self.dilation, False, [0] * len(self.stride),
                                                    self.groups, list(mask))
+
+    def weight_gradient_by_matmul(self, g_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The weight gradient of ``<g_out, conv(x, w)>`` (2-d, one group) as one matrix product: ``g_out``'s
+        channels against the unfolded ``x``'s patches, summed over images and positions."""
+        patches = F.unfold(x, tuple(w.shape[2:]), tuple(self.dilation), tuple(self.padding),
+                           tuple(self.stride))  # images, C_in k k, positions
+        return (g_out.flatten(2).transpose(0, 1).flatten(1) @ patches.transpose(0, 1).flatten(1).t()).view_as(w)
+
+    def by_matmul(self, g_out: torch.Tensor) -> bool:
+        """Whether a weight gradient into ``g_out``'s map is taken by :meth:`weight_gradient_by_matmul`."""
+        return (g_out.device.type == "cpu" and len(self.stride) == 2 and self.groups == 1
+                and g_out[0, 0].numel() <= MATMUL_AT_MOST)
 
 
 def convolve(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, geo: _Geometry) -> torch.Tensor:
@@ -100,9 +116,9 @@ class _ConvolutionBackward(torch.autograd.Function):
     @staticmethod
     def _leave_weight_gradient(ctx: Any, gg_x: torch.Tensor, g_out: torch.Tensor) -> bool:
         """Leave ``<g_out, conv(gg_x, w)>``'s weight gradient to the forward's node, if it will take its own in
-        this backward and no graph is built; whether it was left."""
+        this backward (which builds no graph); whether it was left."""
         node = ctx.forward_node() if ctx.forward_node is not None else None
-        if node is None or torch.is_grad_enabled() or g_out[0, 0].numel() > FUSE_AT_MOST:
+        if node is None or g_out[0, 0].numel() > FUSE_AT_MOST:
             return False
         task = _graph_task()
         if node.last_task == task or not torch._C._will_engine_execute_node(node) or not needed(node.edges[1]):
@@ -123,9 +139,13 @@ class _ConvolutionBackward(torch.autograd.Function):
                          None if gg_b is None else gg_b.view(1, -1, *[1] * (g_out.dim() - 2)).expand_as(g_out))
         if need_x and gg_w is not None:  # <gg_w, d w(g_out, x)> = <g_out, conv(x, gg_w)>
             d_x = _ConvolutionBackward.apply(g_out, x, gg_w, geo, (True, False, False))[0]
-        if need_w and gg_x is not None and not _ConvolutionBackward._leave_weight_gradient(ctx, gg_x, g_out):
-            # <gg_x, d x(g_out, w)> = <g_out, conv(gg_x, w)>
-            d_w = _ConvolutionBackward.apply(g_out, gg_x, w, geo, (False, True, False))[1]
+        if need_w and gg_x is not None:  # <gg_x, d x(g_out, w)> = <g_out, conv(gg_x, w)>
+            if torch.is_grad_enabled():  # a graph of it: the differentiable form
+                d_w = _ConvolutionBackward.apply(g_out, gg_x, w, geo, (False, True, False))[1]
+            elif geo.by_matmul(g_out):
+                d_w = geo.weight_gradient_by_matmul(g_out, gg_x, w)
+            elif not _ConvolutionBackward._leave_weight_gradient(ctx, gg_x, g_out):
+                d_w = geo.backward(g_out, gg_x, w, (False, True, False))[1]
         return d_g, d_x, d_w, None, None, None
 
 
