@@ -140,7 +140,7 @@ def test_each_map_size_takes_its_weight_gradients_in_its_form():
     ((3, 8, 1, 1), (5, 8, 3, 3), {"padding": 1}),  # a 1x1 map, as resnet18's last stage at 32x32
     ((3, 8, 4, 4), (5, 8, 3, 3), {"padding": 1, "stride": 2}),  # 2x2
     ((3, 8, 3, 5), (5, 8, 1, 1), {"stride": (2, 3)}),  # a strided 1x1 convolution, 2x2
-    ((3, 4, 6, 6), (6, 4, 3, 2), {"padding": (1, 0), "dilation": (2, 3), "stride": 3}),  # 2x2, uneven kernel
+    ((3, 4, 6, 6), (6, 4, 3, 2), {"padding": (1, 0), "dilation": (2, 3), "stride": 3}),  # 2x1, uneven kernel
 ])
 def test_weight_gradient_by_matmul_equals_the_kernels(x_shape, w_shape, kwargs):
     torch.manual_seed(0)
