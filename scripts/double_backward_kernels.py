@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from natgrad import models
-from natgrad.double_backward import native_double_backward
+from natgrad.double_backward import convolution, native_double_backward
 
 torch.manual_seed(0)
 
@@ -37,12 +37,14 @@ def median_ms(fn: Callable[[], object], runs: int = 10) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _geometry(conv: torch.nn.Conv2d) -> convolution._Geometry:
+    return convolution._Geometry(list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+
+
 def _two_and_one(conv: torch.nn.Conv2d, in_shape: torch.Size, out_shape: torch.Size) -> tuple[float, float]:
     """ms for a convolution's two weight gradients as two calls, and as one call on the batches stacked."""
     def wgrad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.convolution_backward(g, x, conv.weight.detach(), None, list(conv.stride),
-                                                   list(conv.padding), list(conv.dilation), False, [0, 0],
-                                                   conv.groups, [False, True, False])[1]
+        return _geometry(conv).backward(g, x, conv.weight.detach(), (False, True, False))[1]
     x1, x2, g1, g2 = torch.randn(in_shape), torch.randn(in_shape), torch.randn(out_shape), torch.randn(out_shape)
     return (median_ms(lambda: wgrad(g1, x1) + wgrad(g2, x2)),
             median_ms(lambda: wgrad(torch.cat([g1, g2]), torch.cat([x1, x2]))))
@@ -114,21 +116,13 @@ def normalizations() -> None:
 
 
 def _kernels(conv: torch.nn.Conv2d, in_shape: torch.Size, out_shape: torch.Size) -> dict[str, float]:
-    w, x, g = conv.weight.detach(), torch.randn(in_shape), torch.randn(out_shape)
-
-    def backward(mask: list[bool]) -> object:
-        return torch.ops.aten.convolution_backward(g, x, w, None, list(conv.stride), list(conv.padding),
-                                                   list(conv.dilation), False, [0, 0], conv.groups, mask)
-
-    def im2col() -> torch.Tensor:  # sum over images and positions of g (C_out) x unfolded input (C_in k k)
-        cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-        return (g.flatten(2).transpose(0, 1).flatten(1) @ cols.transpose(0, 1).flatten(1).t()).view_as(w)
-
-    reference = backward([False, True, False])[1]
-    assert (im2col() - reference).abs().max() <= 1e-4 * reference.abs().max()
-    return {"forward": median_ms(lambda: F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation)),
-            "input": median_ms(lambda: backward([True, False, False])),
-            "weight": median_ms(lambda: backward([False, True, False])), "im2col": median_ms(im2col)}
+    w, x, g, geo = conv.weight.detach(), torch.randn(in_shape), torch.randn(out_shape), _geometry(conv)
+    reference = geo.backward(g, x, w, (False, True, False))[1]
+    assert (geo.weight_gradient_by_matmul(g, x, w) - reference).abs().max() <= 1e-4 * reference.abs().max()
+    return {"forward": median_ms(lambda: geo.convolve(x, w)),
+            "input": median_ms(lambda: geo.backward(g, x, w, (True, False, False))),
+            "weight": median_ms(lambda: geo.backward(g, x, w, (False, True, False))),
+            "im2col": median_ms(lambda: geo.weight_gradient_by_matmul(g, x, w))}
 
 
 def convolution_kernels() -> None:
